@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-shot check on a lent GPU machine (no network; its own python3, torch and triton):
+# environment, the test suite on CUDA (bfloat16 included), and the core benchmark with a config sweep.
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR
+set -u
+out=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+{
+  nvidia-smi -L
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+} 2>&1 | tee "$out/env.log"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -n 8 -rs --durations=5 2>&1 | tee "$out/tests.log" | tail -40
+echo "tests exit: ${PIPESTATUS[0]}"
+timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_core.py --out "$out" ${BENCH_ARGS:---sweep} 2>&1 | tee "$out/bench.log"
+echo "bench exit: ${PIPESTATUS[0]}"

@@ -1,0 +1,180 @@
+"""``attention(...)``: the public entry point. Validates arguments and dispatches to a backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+
+import torch
+from torch import Tensor
+
+from .kernels.configs import interpreter_enabled
+from .ops.triton_attention import triton_attention
+from .reference import attention_reference
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    kv_lengths: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused multi-head attention with Perceiver semantics.
+
+    Args:
+        q: ``(Bq, Nq, H, Dqk)``; ``Bq`` is ``B`` or 1 (a latent array broadcast over the batch without
+            a copy; its gradient is summed over the batch).
+        k: ``(B, Nk, H, Dqk)``.
+        v: ``(B, Nk, H, Dv)``; ``Dv`` may differ from ``Dqk``.
+        causal: bottom-right aligned causal mask: query ``i`` of sample ``b`` sees key ``j`` iff
+            ``j <= i + L_b - Nq`` with ``L_b = kv_lengths[b]`` (or ``Nk``). The latents are the last
+            ``Nq`` positions, as in Perceiver AR. (SDPA's ``is_causal`` is top-left aligned.)
+        key_padding_mask: bool ``(B, Nk)``, True marks a padded key (perceiver-io's ``pad_mask``).
+        kv_lengths: int32/int64 ``(B,)``; keys at index ``>= kv_lengths[b]`` are ignored.
+        scale: score scale, default ``Dqk ** -0.5``.
+        backend: ``"auto"`` (fastest correct backend for the inputs' device), ``"triton"``,
+            ``"reference"``; ``"cuda"`` is reserved for the CUDA C++ backend.
+        return_lse: also return the log-sum-exp of the scaled scores.
+
+    Tensors may have any strides as long as the last dim is contiguous. dtypes: float16, bfloat16,
+    float32 (computed at float32 accuracy, no TF32); float64 is accepted for verification. Softmax
+    statistics and accumulation are float32.
+
+    Returns:
+        ``out (B, Nq, H, Dv)`` in q's dtype, and with ``return_lse`` also ``lse (B, H, Nq)`` float32
+        (natural log). A query row that sees no key gets zeros, ``lse = -inf`` and zero gradients.
+    """
+    _validate(q, k, v, causal, key_padding_mask, kv_lengths, scale, return_lse)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    chosen = resolve_backend(backend, q)
+    if chosen == "reference":
+        out, lse = attention_reference(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            kv_lengths=kv_lengths,
+            scale=scale,
+            return_lse=True,
+        )
+    else:
+        out, lse = triton_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            kv_lengths=kv_lengths,
+            scale=scale,
+        )
+    return (out, lse) if return_lse else out
+
+
+def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | None:
+    """Why ``backend`` cannot run for inputs like ``q`` (None when it can)."""
+    if backend == "reference":
+        return None
+    if backend == "cuda":
+        return "the CUDA C++ backend is not part of this build yet; use 'triton' or 'reference'"
+    if backend != "triton":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if q is None:
+        return None
+    if q.device.type == "cuda":
+        return None
+    if q.device.type != "cpu":
+        return f"the Triton backend runs on CUDA tensors, got a {q.device.type} tensor"
+    if not interpreter_enabled():
+        return (
+            "on CPU tensors the Triton backend needs the interpreter: set TRITON_INTERPRET=1 before "
+            "importing perceiver_kernels"
+        )
+    if q.dtype == torch.bfloat16:
+        return "the Triton CPU interpreter cannot compute bfloat16 dot products; use a GPU"
+    return None
+
+
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """The concrete backend that runs for ``backend`` on inputs like ``q``; raises if it cannot."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if backend_unavailable_reason("triton", q) is None else "reference"
+    reason = backend_unavailable_reason(backend, q)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run here: {reason}")
+    return backend
+
+
+def _validate(q, k, v, causal, key_padding_mask, kv_lengths, scale, return_lse) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(
+                f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}; "
+                "call .contiguous() or permute only the leading dims"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    batch, num_keys, heads, head_dim_qk = k.shape
+    if v.shape[0] != batch or v.shape[1] != num_keys or v.shape[2] != heads:
+        raise ValueError(f"v must be (B, Nk, H, Dv) = ({batch}, {num_keys}, {heads}, Dv) like k, got {tuple(v.shape)}")
+    if q.shape[0] not in (1, batch):
+        raise ValueError(f"q's batch must be 1 (broadcast) or B={batch} as in k, got q shape {tuple(q.shape)}")
+    if q.shape[2] != heads:
+        raise ValueError(f"q has {q.shape[2]} heads but k has {heads}")
+    if q.shape[3] != head_dim_qk:
+        raise ValueError(f"q's head dim {q.shape[3]} must equal k's head dim {head_dim_qk}")
+    if head_dim_qk < 1 or v.shape[3] < 1:
+        raise ValueError(f"head dims must be >= 1, got Dqk={head_dim_qk}, Dv={v.shape[3]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if scale is not None:
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not float("-inf") < float(scale) < float("inf"):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+        if tuple(key_padding_mask.shape) != (batch, num_keys):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, Nk) = ({batch}, {num_keys}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if kv_lengths is not None:
+        if not isinstance(kv_lengths, Tensor) or kv_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError("kv_lengths must be an int32 or int64 tensor")
+        if tuple(kv_lengths.shape) != (batch,):
+            raise ValueError(f"kv_lengths must have shape (B,) = ({batch},), got {tuple(kv_lengths.shape)}")
+        if kv_lengths.device != q.device:
+            raise ValueError(f"kv_lengths is on {kv_lengths.device} but q is on {q.device}")
+        # A value check needs the data, which a compiled graph does not have; kernels also clamp.
+        if not torch.compiler.is_compiling() and batch > 0:
+            if bool(((kv_lengths < 0) | (kv_lengths > num_keys)).any()):
+                raise ValueError(
+                    f"kv_lengths values must lie in [0, Nk={num_keys}], got {kv_lengths.tolist()}"
+                )

@@ -1,0 +1,321 @@
+"""Triton forward kernels: fused attention with online softmax, split-KV and the split merge.
+
+Layout: ``q (Bq, Nq, H, Dqk)``, ``k (B, Nk, H, Dqk)``, ``v (B, Nk, H, Dv)`` with any strides but a
+contiguous last dim; a broadcast batch-1 query is passed with batch stride 0. Scores live in the log2
+domain (``log2(e)`` folded into the scale) so the softmax uses ``exp2``. Masks are computed from
+indices in-kernel; nothing of size ``Nq x Nk`` is ever written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _visible(
+    query_idx,
+    key_idx,
+    key_end,
+    causal_offset,
+    pad_row,
+    stride_pn,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """Bool tile: which (query, key) pairs take part.
+
+    ``query_idx`` and ``key_idx`` come shaped for broadcasting (``[:, None]`` and ``[None, :]``, or
+    the transpose), so the forward and the transposed backward share this. ``key_end`` folds ``Nk``,
+    ``kv_lengths[b]`` and a split's end; ``causal_offset`` is ``L_b - Nq`` (bottom-right alignment).
+    """
+    visible = (key_idx < key_end) & (query_idx >= 0)
+    if CAUSAL:
+        visible = visible & (key_idx <= query_idx + causal_offset)
+    if HAS_PAD:
+        is_pad = tl.load(pad_row + key_idx.to(tl.int64) * stride_pn, mask=key_idx < key_end, other=1)
+        visible = visible & (is_pad == 0)
+    return visible
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, KeyPad, KvLen,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_os, stride_ob, stride_om, stride_oh,
+    stride_ls, stride_lb, stride_lh,
+    stride_pb, stride_pn,
+    H, Nq, Nk, DQK, DV,
+    qk_scale, keys_per_split, num_m_blocks, num_z,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    # One program: BLOCK_M queries x one v-dim chunk x one key split of one (batch, head).
+    # Query blocks of the same (batch, head, split) are adjacent in launch order so they share
+    # K/V tiles in L2.
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    rest = pid // num_m_blocks
+    pid_z = rest % num_z
+    pid_bh = rest // num_z
+    split = pid_z // NUM_DV
+    dv_chunk = pid_z % NUM_DV
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    pad_row = KeyPad + b * stride_pb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_mask = offs_m < Nq
+
+    kv_len = Nk
+    if HAS_KVLEN:
+        kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
+    causal_offset = kv_len - Nq
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, kv_len)
+    if CAUSAL:
+        # Last key that the last row of this block can see, plus one.
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
+
+    if NUM_DK == 1:
+        # Fast path: the whole q tile stays in registers for the key loop.
+        q = tl.load(
+            q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_dk[None, :],
+            mask=m_mask[:, None] & (offs_dk[None, :] < DQK),
+            other=0.0,
+        )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        if NUM_DK == 1:
+            k_t = tl.load(
+                k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_dk[:, None],
+                mask=n_mask[None, :] & (offs_dk[:, None] < DQK),
+                other=0.0,
+            )
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        else:
+            # Wide qk head dim: accumulate the scores over fixed-width chunks.
+            s = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
+            for c in range(NUM_DK):
+                offs_d = c * BLOCK_DK + offs_dk
+                q_c = tl.load(
+                    q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                    mask=m_mask[:, None] & (offs_d[None, :] < DQK),
+                    other=0.0,
+                )
+                k_t = tl.load(
+                    k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
+                    mask=n_mask[None, :] & (offs_d[:, None] < DQK),
+                    other=0.0,
+                )
+                s += tl.dot(q_c, k_t, input_precision=DOT_PRECISION)
+        visible = _visible(
+            offs_m[:, None], offs_n[None, :], hi, causal_offset, pad_row, stride_pn, CAUSAL, HAS_PAD
+        )
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 finite.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
+            mask=n_mask[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+
+    out_ptrs = (
+        Out
+        + split.to(tl.int64) * stride_os
+        + b * stride_ob
+        + h * stride_oh
+        + offs_m[:, None].to(tl.int64) * stride_om
+        + offs_dv[None, :]
+    )
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & (offs_dv[None, :] < DV))
+    lse_ptrs = Lse + split.to(tl.int64) * stride_ls + b * stride_lb + h * stride_lh + offs_m
+    tl.store(lse_ptrs, lse, mask=m_mask & (dv_chunk == 0))
+
+
+@triton.jit
+def _merge_splits_kernel(
+    OutPart, LsePart, Out, Lse,
+    stride_ps, stride_pb, stride_pm, stride_ph,
+    stride_qs, stride_qb, stride_qh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    H, Nq, DV, num_splits, num_m_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    # Merge the per-split (normalised output, lse) pairs of one query block:
+    # lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) * out_s.
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < Nq
+    lse_part = LsePart + b * stride_qb + h * stride_qh + offs_m
+
+    lse_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    for s in range(num_splits):
+        lse_s = tl.load(lse_part + s * stride_qs, mask=m_mask, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, lse_s)
+    max_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.zeros([BLOCK_M], ACC_DTYPE)
+    for s in range(num_splits):
+        lse_s = tl.load(lse_part + s * stride_qs, mask=m_mask, other=float("-inf"))
+        total += tl.exp(lse_s - max_safe)
+    empty = total == 0.0
+    lse = tl.where(empty, float("-inf"), max_safe + tl.log(tl.where(empty, 1.0, total)))
+    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_mask)
+    lse_safe = tl.where(empty, 0.0, lse)
+
+    for c in range(NUM_DV):
+        offs_dv = c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        tile_mask = m_mask[:, None] & (offs_dv[None, :] < DV)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
+        for s in range(num_splits):
+            lse_s = tl.load(lse_part + s * stride_qs, mask=m_mask, other=float("-inf"))
+            weight = tl.exp(lse_s - lse_safe)
+            part = tl.load(
+                OutPart
+                + s * stride_ps
+                + b * stride_pb
+                + h * stride_ph
+                + offs_m[:, None].to(tl.int64) * stride_pm
+                + offs_dv[None, :],
+                mask=tile_mask,
+                other=0.0,
+            )
+            acc += weight[:, None] * part
+        out_ptrs = (
+            Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
+        )
+        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=tile_mask)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 must be computed at float32 accuracy: never let tl.dot fall back to TF32 silently.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    kv_lengths: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    num_splits: int = 0,
+    config: configs.LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. Inputs are already validated (see ``perceiver_kernels.functional``).
+
+    Args:
+        q: ``(Bq, Nq, H, Dqk)``, ``Bq`` in ``{1, B}``; k: ``(B, Nk, H, Dqk)``; v: ``(B, Nk, H, Dv)``.
+        key_padding_mask: bool ``(B, Nk)`` (True = padding) or None.
+        kv_lengths: int ``(B,)`` or None.
+        num_splits: key-axis splits; 0 picks them from the SM count (see ``configs.num_kv_splits``).
+        config: tile shape override (benchmarks sweep it); default ``configs.forward_config``.
+
+    Returns:
+        ``out (B, Nq, H, Dv)`` in q's dtype and ``lse (B, H, Nq)`` (float32; float64 for float64).
+    """
+    batch, num_keys, heads, head_dim_qk = k.shape
+    num_queries, head_dim_v = q.shape[1], v.shape[3]
+    is_cuda = q.device.type == "cuda"
+    cfg = config or configs.forward_config(head_dim_qk, head_dim_v, is_cuda)
+    qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
+    v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
+    num_m_blocks = triton.cdiv(num_queries, cfg.block_m)
+    num_key_blocks = max(1, triton.cdiv(num_keys, cfg.block_n))
+    if num_splits <= 0:
+        base_programs = batch * heads * num_m_blocks * v_tiles.num_chunks
+        num_splits = configs.num_kv_splits(
+            base_programs, num_key_blocks, q.device.index if is_cuda else None
+        )
+    blocks_per_split = triton.cdiv(num_key_blocks, num_splits)
+    num_splits = triton.cdiv(num_key_blocks, blocks_per_split)  # no empty trailing splits
+    keys_per_split = blocks_per_split * cfg.block_n
+
+    out = torch.empty((batch, num_queries, heads, head_dim_v), device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, heads, num_queries), device=q.device, dtype=configs.stats_dtype(q.dtype))
+    if num_splits == 1:
+        out_part, lse_part = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        out_part = torch.empty((num_splits, *out.shape), device=q.device, dtype=lse.dtype)
+        lse_part = torch.empty((num_splits, *lse.shape), device=q.device, dtype=lse.dtype)
+
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty(0)
+    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    lengths = kv_lengths if kv_lengths is not None else q.new_empty(0)
+    q_batch_stride = 0 if q.shape[0] == 1 else q.stride(0)
+    num_z = num_splits * v_tiles.num_chunks
+    grid = (num_m_blocks * num_z * batch * heads,)
+    _fwd_kernel[grid](
+        q, k, v, out_part, lse_part, pad, lengths,
+        q_batch_stride, q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
+        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+        pad_strides[0], pad_strides[1],
+        heads, num_queries, num_keys, head_dim_qk, head_dim_v,
+        scale * LOG2E, keys_per_split, num_m_blocks, num_z,
+        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_DK=qk_tiles.block, NUM_DK=qk_tiles.num_chunks,
+        BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
+        DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc_dtype(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        merge_block_m = 16
+        merge_blocks = triton.cdiv(num_queries, merge_block_m)
+        _merge_splits_kernel[(merge_blocks * batch * heads,)](
+            out_part, lse_part, out, lse,
+            out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
+            lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            heads, num_queries, head_dim_v, num_splits, merge_blocks,
+            BLOCK_M=merge_block_m, BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
+            ACC_DTYPE=acc_dtype(q.dtype),
+        )  # fmt: skip
+    return out, lse

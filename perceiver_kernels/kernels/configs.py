@@ -1,0 +1,106 @@
+"""Block sizes and launch heuristics for the Triton kernels: the one place they are chosen.
+
+Head dims are handled in chunks. A head dim of at most ``MAX_FAST_HEAD_DIM`` is one power-of-two chunk
+(the fast path: q, k, v tiles stay in registers across the key loop). Above it the kernels loop over
+fixed-width chunks of the qk dim and spread chunks of the v dim over the grid, so any head dim up to
+1024 runs with bounded registers (see docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+MAX_FAST_HEAD_DIM = 256
+# Chunk widths used above MAX_FAST_HEAD_DIM.
+QK_CHUNK = 64
+V_CHUNK = 128
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse, delta and the dQ accumulator: float32, or float64 for float64 verification runs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@dataclass(frozen=True)
+class HeadDimTiling:
+    """How one head dim is cut into power-of-two chunks."""
+
+    block: int  # chunk width (power of two, >= 16)
+    num_chunks: int
+
+
+def head_dim_tiling(head_dim: int, chunk_above_fast: int) -> HeadDimTiling:
+    if head_dim <= MAX_FAST_HEAD_DIM:
+        return HeadDimTiling(max(16, triton.next_power_of_2(head_dim)), 1)
+    return HeadDimTiling(chunk_above_fast, triton.cdiv(head_dim, chunk_above_fast))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int  # query rows per program
+    block_n: int  # key rows per program (backward) or per loop step (forward)
+    num_warps: int
+    num_stages: int
+
+
+def forward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> LaunchConfig:
+    """Forward tile shape, chosen by the larger of the two head dims."""
+    if not is_cuda:
+        # The interpreter pays per program and per loop step; small tiles keep awkward test shapes
+        # exercising partial blocks.
+        return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    widest = max(
+        head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block
+    )
+    if widest <= 64:
+        return LaunchConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if widest <= 128:
+        return LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+
+
+def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> LaunchConfig:
+    """Backward tile shape: ``block_n`` keys per program, ``block_m`` queries per loop step."""
+    if not is_cuda:
+        return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    widest = max(
+        head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block
+    )
+    if widest <= 64:
+        return LaunchConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
+    if widest <= 128:
+        return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    return LaunchConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_kv_splits(
+    base_programs: int, num_key_blocks: int, device_index: int | None, min_blocks_per_split: int = 4
+) -> int:
+    """How many programs share one query block's key range (split-KV).
+
+    Perceiver cross-attention has few query blocks and a huge key axis, so ``B * H * query blocks``
+    programs can leave most SMs idle. We split the key axis until there are about two programs per
+    SM, keeping at least ``min_blocks_per_split`` key blocks per split so the merge stays cheap.
+    """
+    if device_index is None:  # interpreter: splitting only costs time; tests force it explicitly
+        return 1
+    sms = _sm_count(device_index)
+    if base_programs >= sms:
+        return 1
+    wanted = triton.cdiv(2 * sms, base_programs)
+    return max(1, min(wanted, num_key_blocks // min_blocks_per_split))

@@ -1,0 +1,126 @@
+"""``perceiver_kernels::triton_attention_{fwd,bwd}``: the Triton kernels as ``torch.library`` custom ops.
+
+Registered with ``custom_op`` + ``register_fake`` + ``register_autograd`` so that ``torch.compile``
+traces through them without a graph break and ``opcheck`` passes (``triton_op`` cannot be fake-traced
+under the Triton interpreter). The kernel modules are imported on first use, not at import time:
+``@triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined, so deferring lets the command line
+switch the interpreter on, and keeps ``import perceiver_kernels`` free of any GPU or driver probe.
+
+Inputs are validated by ``perceiver_kernels.functional``; these ops assume valid arguments.
+"""
+
+import torch
+from torch import Tensor
+
+from ..kernels import configs
+
+
+@torch.library.custom_op("perceiver_kernels::triton_attention_fwd", mutates_args=())
+def triton_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    kv_lengths: Tensor | None,
+    causal: bool,
+    scale: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """``q (Bq, Nq, H, Dqk)``, ``k (B, Nk, H, Dqk)``, ``v (B, Nk, H, Dv)`` -> ``out (B, Nq, H, Dv)``,
+    ``lse (B, H, Nq)``. ``num_splits`` 0 lets the launcher choose the split-KV factor."""
+    from ..kernels.attention_fwd import attention_forward
+
+    batch, num_queries, heads = k.shape[0], q.shape[1], q.shape[2]
+    if batch == 0 or num_queries == 0 or heads == 0:
+        return _empty_outputs(q, k, v)
+    return attention_forward(q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits)
+
+
+@triton_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits):
+    return _empty_outputs(q, k, v)
+
+
+def _empty_outputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    batch, heads, num_queries = k.shape[0], q.shape[2], q.shape[1]
+    out = q.new_empty((batch, num_queries, heads, v.shape[3]))
+    lse = q.new_empty((batch, heads, num_queries), dtype=configs.stats_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("perceiver_kernels::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Tensor | None,
+    kv_lengths: Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` shaped like ``(q, k, v)``; ``dq`` is summed over the batch for a
+    broadcast batch-1 query. ``grad_lse`` is the gradient flowing into the returned lse, or None."""
+    from ..kernels.attention_bwd import attention_backward
+
+    if out.numel() == 0 or k.shape[1] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if grad_out.stride(-1) != 1:  # e.g. the all-zero-stride gradient of out.sum()
+        grad_out = grad_out.contiguous()
+    if grad_lse is not None:
+        grad_lse = grad_lse.contiguous()
+    return attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale
+    )
+
+
+@triton_attention_bwd.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, kv_lengths, causal, scale, _num_splits = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths)
+    ctx.causal = causal
+    ctx.scale = scale
+    # Unused outputs arrive as None instead of materialised zeros (no zero-filled dlse pass).
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, kv_lengths = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = triton_attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    kv_lengths: Tensor | None = None,
+    scale: float,
+    num_splits: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Differentiable Triton attention returning ``(out, lse)``; arguments as in ``pk.attention``.
+
+    ``num_splits`` forces the number of key-axis splits (0 = choose from the SM count); tests use it
+    to exercise split-KV on the CPU interpreter.
+    """
+    return torch.ops.perceiver_kernels.triton_attention_fwd(
+        q, k, v, key_padding_mask, kv_lengths, causal, float(scale), num_splits
+    )

@@ -1,0 +1,108 @@
+"""The pure-PyTorch contract of Perceiver attention.
+
+Every kernel in this package is checked against :func:`attention_reference`. It materialises the
+``(B, H, Nq, Nk)`` score matrix, so it is meant for tests, benchmarks and as a fallback backend on
+small problems, not for speed.
+
+Semantics (see the README's table): bottom-right aligned causal mask, ``key_padding_mask`` with
+True = padding, ``kv_lengths`` ignoring keys at index ``>= kv_lengths[b]``, and a query row that sees
+no key returns zeros with ``lse = -inf`` (no NaN, zero gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def visible_keys(
+    batch: int,
+    num_queries: int,
+    num_keys: int,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    kv_lengths: Tensor | None,
+    device: torch.device,
+) -> Tensor:
+    """Boolean ``(B, 1, Nq, Nk)`` mask, True where query ``i`` of sample ``b`` may see key ``j``."""
+    key_index = torch.arange(num_keys, device=device)
+    if kv_lengths is not None:
+        lengths = kv_lengths.to(device=device, dtype=torch.long)  # (B,)
+    else:
+        lengths = torch.full((batch,), num_keys, device=device, dtype=torch.long)
+    visible = key_index[None, None, :] < lengths[:, None, None]  # (B, 1, Nk)
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, :].to(device)
+    visible = visible.expand(batch, num_queries, num_keys)
+    if causal:
+        # Bottom-right alignment: the last query row lines up with the last valid key of its sample.
+        query_index = torch.arange(num_queries, device=device)
+        offset = lengths - num_queries  # (B,)
+        limit = query_index[None, :, None] + offset[:, None, None]  # (B, Nq, 1)
+        visible = visible & (key_index[None, None, :] <= limit)
+    return visible[:, None]  # (B, 1, Nq, Nk)
+
+
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    kv_lengths: Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Perceiver attention computed with plain PyTorch ops (differentiable).
+
+    Args:
+        q: ``(Bq, Nq, H, Dqk)`` with ``Bq`` equal to ``B`` or 1 (broadcast over the batch).
+        k: ``(B, Nk, H, Dqk)``.
+        v: ``(B, Nk, H, Dv)``.
+        causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + L_b - Nq``).
+        key_padding_mask: bool ``(B, Nk)``, True marks padding.
+        kv_lengths: int ``(B,)``; keys at index ``>= kv_lengths[b]`` are ignored.
+        scale: score scale, default ``Dqk ** -0.5``.
+        return_lse: also return the float32 ``(B, H, Nq)`` log-sum-exp (natural log).
+        compute_dtype: dtype of the arithmetic. Default float32 (float64 for float64 inputs). Tests
+            pass the input dtype to measure what a naive low-precision computation gets wrong.
+
+    Returns:
+        ``(B, Nq, H, Dv)`` in q's dtype, and the lse when ``return_lse``.
+    """
+    batch, num_keys = k.shape[0], k.shape[1]
+    num_queries, head_dim_qk = q.shape[1], q.shape[3]
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = head_dim_qk**-0.5
+
+    qc = q.to(compute_dtype).expand(batch, -1, -1, -1)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, k.to(compute_dtype)) * scale  # (B, H, Nq, Nk)
+    visible = visible_keys(
+        batch,
+        num_queries,
+        num_keys,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        kv_lengths=kv_lengths,
+        device=q.device,
+    )
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # Stable softmax written out so that rows with no visible key give exact zeros and zero
+    # gradients: torch.softmax and logsumexp would produce NaN for an all -inf row.
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    empty = row_sum == 0
+    safe_sum = torch.where(empty, torch.ones_like(row_sum), row_sum)
+    probs = weights / safe_sum
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute_dtype)).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(safe_sum)).masked_fill(empty, float("-inf")).squeeze(-1)
+    return out, lse.to(torch.float32 if compute_dtype != torch.float64 else torch.float64)

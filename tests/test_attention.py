@@ -1,0 +1,134 @@
+"""The Triton backend against the float64 reference: forward, lse and all three gradients."""
+
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from perceiver_kernels.ops import triton_attention
+from perceiver_kernels.testing import AttentionCase, check_case
+
+# float32 and float16 run everywhere; the interpreter cannot do bfloat16 dots, so bfloat16 is GPU-only.
+DTYPES = [
+    pytest.param(torch.float32, id="float32"),
+    pytest.param(torch.float16, id="float16"),
+    pytest.param(torch.bfloat16, id="bfloat16", marks=pytest.mark.gpu),
+]
+
+
+def triton_fn(num_splits: int = 0):
+    def fn(q, k, v, **kw):
+        return triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
+
+    return fn
+
+
+def assert_case(case: AttentionCase, dtype, device, num_splits: int = 0):
+    results = check_case(case, dtype, device, triton_fn(num_splits))
+    failed = {n: f"err {c.max_abs_error:.2e} > limit {c.limit:.2e}" for n, c in results.items() if not c.ok}
+    assert not failed, f"{case.describe()} {dtype}: {failed}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", list(itertools.product([1, 5, 33, 100], [1, 17, 129, 300])))
+def test_lengths_sweep(nq, nk, causal, dtype, device):
+    # Odd lengths, Nq < Nk and Nq > Nk; Dqk != Dv, neither a power of two.
+    case = AttentionCase(batch=2, nq=nq, nk=nk, heads=3, dqk=24, dv=40, causal=causal)
+    assert_case(case, dtype, device)
+
+
+FEATURE_CASES = {
+    "broadcast-query": AttentionCase(batch=3, q_batch=1, nq=33, nk=129, heads=2),
+    "broadcast-query-causal": AttentionCase(batch=3, q_batch=1, nq=20, nk=70, causal=True),
+    "single-head": AttentionCase(batch=1, nq=5, nk=300, heads=1, dqk=32, dv=32),
+    "padding": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3),
+    "padding-all-padded-sample": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3, all_padded_sample=True),
+    "padding-causal": AttentionCase(batch=3, nq=33, nk=129, causal=True, pad_fraction=0.3),
+    "kv-lengths": AttentionCase(batch=4, nq=5, nk=129, kv_lengths=(0, 129, 64, 1)),
+    "kv-lengths-causal": AttentionCase(batch=4, nq=33, nk=129, causal=True, kv_lengths=(0, 129, 40, 17)),
+    "kv-lengths-and-padding": AttentionCase(batch=3, nq=17, nk=100, pad_fraction=0.2, kv_lengths=(100, 50, 3)),
+    "causal-equal-lengths": AttentionCase(batch=2, nq=100, nk=100, causal=True),
+    "permuted": AttentionCase(batch=2, nq=33, nk=129, heads=3, permuted=True),
+    "permuted-broadcast": AttentionCase(batch=2, q_batch=1, nq=33, nk=129, heads=3, permuted=True, causal=True),
+    "head-dim-1": AttentionCase(nq=5, nk=17, dqk=1, dv=1),
+    "head-dims-odd": AttentionCase(nq=33, nk=129, dqk=7, dv=13),
+    "mlm-32-160": AttentionCase(nq=33, nk=129, dqk=32, dv=160),
+    "head-dim-256": AttentionCase(nq=17, nk=40, heads=1, dqk=256, dv=256),
+    "imagenet-261": AttentionCase(batch=2, nq=17, nk=100, heads=1, dqk=261, dv=261, pad_fraction=0.2),
+    "wide-qk-narrow-v": AttentionCase(nq=17, nk=40, heads=1, dqk=300, dv=40, causal=True),
+    "narrow-qk-wide-v": AttentionCase(nq=17, nk=40, heads=1, dqk=32, dv=322),
+    "head-dim-1024": AttentionCase(batch=1, nq=5, nk=33, heads=1, dqk=1024, dv=1024, kv_lengths=(20,)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(FEATURE_CASES))
+def test_features(name, dtype, device):
+    assert_case(FEATURE_CASES[name], dtype, device)
+
+
+SPLIT_CASES = {
+    "plain": AttentionCase(batch=2, nq=5, nk=300, heads=2),
+    "causal-padding": AttentionCase(batch=3, nq=33, nk=129, causal=True, pad_fraction=0.3, all_padded_sample=True),
+    "kv-lengths": AttentionCase(batch=4, q_batch=1, nq=1, nk=300, kv_lengths=(0, 300, 150, 7), causal=True),
+    "wide-head": AttentionCase(batch=1, nq=5, nk=100, heads=1, dqk=261, dv=261),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [2, 7])
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_forced_split_kv(name, num_splits, dtype, device):
+    """Split-KV (the Perceiver cross-attention path on a GPU) forced on small shapes."""
+    assert_case(SPLIT_CASES[name], dtype, device, num_splits=num_splits)
+
+
+def test_more_splits_than_key_blocks(device):
+    # The launcher drops splits that would own no key block.
+    assert_case(AttentionCase(nq=5, nk=17), torch.float32, device, num_splits=64)
+
+
+def test_public_api_matches_reference(device):
+    case = AttentionCase(batch=2, nq=9, nk=40, causal=True, pad_fraction=0.2)
+    inputs = {n: t for n, t in __import__("perceiver_kernels.testing", fromlist=["x"]).make_inputs(case, torch.float32, device).items()}
+    args = dict(causal=True, key_padding_mask=inputs["key_padding_mask"])
+    out, lse = pk.attention(inputs["q"], inputs["k"], inputs["v"], **args, backend="triton", return_lse=True)
+    ref_out, ref_lse = pk.attention(inputs["q"], inputs["k"], inputs["v"], **args, backend="reference", return_lse=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
+    assert out.shape == (2, 9, 2, 16) and lse.shape == (2, 2, 9) and lse.dtype == torch.float32
+
+
+def test_custom_scale(device):
+    case = AttentionCase(nq=9, nk=40)
+
+    def fn(q, k, v, **kw):
+        return triton_attention(q, k, v, scale=0.37, **kw)
+
+    def ref(q, k, v, **kw):
+        return pk.attention_reference(q, k, v, scale=0.37, return_lse=True, **kw)
+
+    from perceiver_kernels.testing import make_inputs
+
+    inputs = make_inputs(case, torch.float32, device)
+    out, _ = fn(inputs["q"], inputs["k"], inputs["v"])
+    ref_out, _ = ref(inputs["q"], inputs["k"], inputs["v"])
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_without_keys_are_zero_and_finite(device):
+    """A fully padded sample: zero output, -inf lse, zero (not NaN) gradients."""
+    case = replace(FEATURE_CASES["padding-all-padded-sample"])
+    from perceiver_kernels.testing import make_inputs
+
+    inputs = make_inputs(case, torch.float32, device)
+    out, lse = triton_attention(
+        inputs["q"], inputs["k"], inputs["v"], key_padding_mask=inputs["key_padding_mask"], scale=0.25
+    )
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+    out.sum().backward()
+    assert torch.all(inputs["k"].grad[0] == 0) and torch.all(inputs["v"].grad[0] == 0)
+    assert torch.isfinite(inputs["q"].grad).all()
