@@ -132,3 +132,50 @@ def test_rows_without_keys_are_zero_and_finite(device):
     out.sum().backward()
     assert torch.all(inputs["k"].grad[0] == 0) and torch.all(inputs["v"].grad[0] == 0)
     assert torch.isfinite(inputs["q"].grad).all()
+
+
+class _KernelAttention(torch.autograd.Function):
+    """The kernel launchers with an explicit backward config, bypassing the op's default."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, key_padding_mask, kv_lengths, bwd_config, num_splits):
+        from perceiver_kernels.kernels.attention_fwd import attention_forward
+
+        scale = q.shape[-1] ** -0.5
+        out, lse = attention_forward(q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths)
+        ctx.args = (causal, scale, num_splits, bwd_config)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from perceiver_kernels.kernels.attention_bwd import attention_backward
+
+        q, k, v, out, lse, key_padding_mask, kv_lengths = ctx.saved_tensors
+        causal, scale, num_splits, bwd_config = ctx.args
+        grads = attention_backward(
+            grad_out.contiguous(), grad_lse.contiguous(), q, k, v, out, lse,
+            key_padding_mask, kv_lengths, causal, scale, num_splits, bwd_config,
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dq_mode,num_splits", [("atomic", 0), ("split", 1), ("split", 3)])
+@pytest.mark.parametrize(
+    "name", ["broadcast-query-causal", "kv-lengths-causal", "padding-all-padded-sample", "mlm-32-160"]
+)
+def test_dq_modes(name, dq_mode, num_splits, dtype, device):
+    """Both dQ strategies (atomics in the dK/dV kernel, or a split-KV dQ kernel) are exact."""
+    from perceiver_kernels.kernels import configs
+
+    case = FEATURE_CASES[name]
+    default = configs.backward_config(case.dqk, case.dv, device.type == "cuda")
+    bwd_config = replace(default, dq_mode=dq_mode)
+
+    def fn(q, k, v, causal, key_padding_mask, kv_lengths):
+        return _KernelAttention.apply(q, k, v, causal, key_padding_mask, kv_lengths, bwd_config, num_splits)
+
+    results = check_case(case, dtype, device, fn)
+    failed = {n: f"err {c.max_abs_error:.2e} > limit {c.limit:.2e}" for n, c in results.items() if not c.ok}
+    assert not failed, f"{case.describe()} {dtype} {dq_mode}: {failed}"

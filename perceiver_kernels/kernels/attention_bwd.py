@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .attention_fwd import LOG2E, _visible, acc_dtype, dot_precision
+from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision
 
 
 @triton.jit
@@ -54,31 +54,72 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _scores_t_chunked(
-    k_base, q_base, offs_n, offs_m, n_mask, m_mask, stride_kn, stride_qm, DQK,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
+def _dkdv_query_loop(
+    dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row,
+    offs_n, n_mask, offs_dk, offs_dv, start, end, kv_len, causal_offset, qk_scale, sm_scale,
+    stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, Nq, DQK, DV,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """Transposed scores ``K Q^T`` of shape ``(BLOCK_N, BLOCK_M)``, summed over qk-dim chunks."""
-    s_t = tl.zeros([BLOCK_N, BLOCK_M], ACC_DTYPE)
-    for c in range(NUM_DK):
-        offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
-        k_c = tl.load(
-            k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-            mask=n_mask[:, None] & (offs_d[None, :] < DQK),
-            other=0.0,
-        )
-        q_t = tl.load(
-            q_base + offs_m[None, :].to(tl.int64) * stride_qm + offs_d[:, None],
-            mask=m_mask[None, :] & (offs_d[:, None] < DQK),
-            other=0.0,
-        )
-        s_t += tl.dot(k_c, q_t, input_precision=DOT_PRECISION)
-    return s_t
+    """Accumulate dK/dV of one key block over query blocks ``[start, end)``. Everything is computed
+    transposed (keys along rows) so dK and dV accumulate without transposing the big tiles."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < Nq
+        # S^T = K Q^T: one q tile serves the scores and dK on the fast path.
+        if NUM_DK == 1:
+            q = _load_rows(q_base, offs_m, m_mask, stride_qm, offs_dk, DQK)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            s_t = _scores(
+                k, k_base, q_base, offs_n, offs_m, n_mask, m_mask, stride_kn, stride_qm, DQK,
+                BLOCK_N, BLOCK_M, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+            )  # fmt: skip
+            if COMPUTE_DKDQ:
+                q = _load_rows(q_base, offs_m, m_mask, stride_qm, offs_dk, DQK)
+        # Rows with no visible key stored lse = -inf, and rows past Nq load +inf: both give P = 0.
+        lse = tl.load(lse_row + offs_m, mask=m_mask, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+        if MASKED:
+            visible_t = _visible(offs_m[None, :], offs_n[:, None], kv_len, causal_offset, CAUSAL)
+            p_t = tl.where(visible_t, p_t, 0.0)
+        if HAS_PAD:
+            p_t = tl.where(keep[:, None], p_t, 0.0)
+
+        if NUM_DV == 1:
+            do = _load_rows(do_base, offs_m, m_mask, stride_gm, offs_dv, DV)
+            if COMPUTE_DKDQ:
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            if COMPUTE_DV:
+                do = _load_rows(do_base, offs_m, m_mask, stride_gm, offs_dv, DV)
+            if COMPUTE_DKDQ:
+                dp_t = _scores(
+                    v, v_base, do_base, offs_n, offs_m, n_mask, m_mask, stride_vn, stride_gm, DV,
+                    BLOCK_N, BLOCK_M, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
+                )  # fmt: skip
+        if COMPUTE_DV:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if COMPUTE_DKDQ:
+            delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M)
+            dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                tl.atomic_add(
+                    dq_base + offs_m[:, None].to(tl.int64) * stride_aqm + offs_dk[None, :],
+                    dq * sm_scale,
+                    mask=m_mask[:, None] & (offs_dk[None, :] < DQK),
+                )
+    return dk, dv
 
 
 @triton.jit
-def _bwd_kernel(
+def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DQacc, DK, DV_, KeyPad, KvLen,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -95,12 +136,11 @@ def _bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
-    FUSED: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_N keys of one (batch, head) and, on the chunked path, one head-dim chunk
-    # (a v chunk when computing dV, a qk chunk when computing dK/dQ). Everything is computed
-    # transposed (keys along rows) so dK/dV accumulate without transposing the big tiles.
+    # (a v chunk when computing dV, a qk chunk when computing dK/dQ).
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
     rest = pid // num_n_blocks
@@ -114,119 +154,175 @@ def _bwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     do_base = DOut + b * stride_gb + h * stride_gh
     dq_base = DQacc + b * stride_aqb + h * stride_aqh
-    row_stats = b * stride_lb + h * stride_lh
-    pad_row = KeyPad + b * stride_pb
+    lse_row = Lse + b * stride_lb + h * stride_lh
+    delta_row = Delta + b * stride_lb + h * stride_lh
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     # The head-dim chunk this program owns: a qk chunk when computing dK/dQ, a v chunk when
-    # computing dV; chunk is 0 on the fused path, where each dim is one chunk.
-    offs_dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
-    offs_dv = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    # computing dV (the other dim starts at chunk 0). A fused launch has chunk == 0.
+    dk_chunk = 0
+    dv_chunk = 0
+    if COMPUTE_DKDQ:
+        dk_chunk = chunk
+    if COMPUTE_DV:
+        dv_chunk = chunk
+    offs_dk = dk_chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
     kv_len = Nk
     if HAS_KVLEN:
         kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
     causal_offset = kv_len - Nq
     n_mask = offs_n < kv_len
-    key_rows = offs_n[:, None].to(tl.int64)
-    k_tile_mask = n_mask[:, None] & (offs_dk[None, :] < DQK)
-    v_tile_mask = n_mask[:, None] & (offs_dv[None, :] < DV)
-    if COMPUTE_DKDQ:
-        k = tl.load(k_base + key_rows * stride_kn + offs_dk[None, :], mask=k_tile_mask, other=0.0)
-    if FUSED:
-        v = tl.load(v_base + key_rows * stride_vn + offs_dv[None, :], mask=v_tile_mask, other=0.0)
+    keep = n_mask
+    if HAS_PAD:
+        keep = _key_kept(KeyPad + b * stride_pb, offs_n, kv_len, stride_pn)
+    # K stays in registers: for the scores on the fast path, and for dQ.
+    if NUM_DK == 1 or COMPUTE_DKDQ:
+        k = _load_rows(k_base, offs_n, n_mask, stride_kn, offs_dk, DQK)
+    else:
+        k = k_base  # unused
+    if NUM_DV == 1 and COMPUTE_DKDQ:
+        v = _load_rows(v_base, offs_n, n_mask, stride_vn, offs_dv, DV)
+    else:
+        v = v_base  # unused
 
+    # Query i sees key j iff j <= i + causal_offset. Query blocks below m_start see nothing of this
+    # key block; from m_full on every row sees all of it, so only [m_start, m_full) needs the index
+    # mask. A key block reaching past kv_lengths[b] is masked throughout, and one wholly past it
+    # skips the loops and stores dK = dV = 0.
+    m_end = tl.where(n_start >= kv_len, 0, Nq)
     m_start = 0
+    m_full = 0
     if CAUSAL:
-        # Query i sees key j iff j <= i + causal_offset: rows below the first key minus the offset
-        # see nothing of this block.
-        m_start = tl.maximum(pid_n * BLOCK_N - causal_offset, 0)
-        m_start = (m_start // BLOCK_M) * BLOCK_M
-    # A key block wholly past kv_lengths[b] skips the loop and stores dK = dV = 0.
-    m_end = tl.where(pid_n * BLOCK_N >= kv_len, 0, Nq)
+        m_start = (tl.maximum(n_start - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+    m_full = tl.where(n_start + BLOCK_N > kv_len, m_end, m_full)
+    m_full = tl.minimum(tl.maximum(m_full, m_start), m_end)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC_DTYPE)
-    for start_m in range(m_start, m_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < Nq
-        query_rows = offs_m[None, :].to(tl.int64)
-        if FUSED:
-            q_t = tl.load(
-                q_base + query_rows * stride_qm + offs_dk[:, None],
-                mask=m_mask[None, :] & (offs_dk[:, None] < DQK),
-                other=0.0,
-            )
-            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
-        else:
-            s_t = _scores_t_chunked(
-                k_base, q_base, offs_n, offs_m, n_mask, m_mask, stride_kn, stride_qm, DQK,
-                BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
-            )  # fmt: skip
-        # Rows with no visible key stored lse = -inf; +inf makes their probabilities exactly 0.
-        lse = tl.load(Lse + row_stats + offs_m, mask=m_mask, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        visible_t = _visible(
-            query_rows, offs_n[:, None], kv_len, causal_offset, pad_row, stride_pn, CAUSAL, HAS_PAD
-        )
-        p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
-        p_t = tl.where(visible_t & m_mask[None, :], p_t, 0.0)
-
-        if COMPUTE_DV:
-            do = tl.load(
-                do_base + offs_m[:, None].to(tl.int64) * stride_gm + offs_dv[None, :],
-                mask=m_mask[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        if COMPUTE_DKDQ:
-            # dP^T = V dO^T, summed over v-dim chunks on the chunked path.
-            if FUSED:
-                do_t = tl.load(
-                    do_base + query_rows * stride_gm + offs_dv[:, None],
-                    mask=m_mask[None, :] & (offs_dv[:, None] < DV),
-                    other=0.0,
-                )
-                dp_t = tl.dot(v, do_t, input_precision=DOT_PRECISION)
-            else:
-                dp_t = tl.zeros([BLOCK_N, BLOCK_M], ACC_DTYPE)
-                for c in range(NUM_DV):
-                    offs_d = c * BLOCK_DV + tl.arange(0, BLOCK_DV)
-                    v_c = tl.load(
-                        v_base + key_rows * stride_vn + offs_d[None, :],
-                        mask=n_mask[:, None] & (offs_d[None, :] < DV),
-                        other=0.0,
-                    )
-                    do_t = tl.load(
-                        do_base + query_rows * stride_gm + offs_d[:, None],
-                        mask=m_mask[None, :] & (offs_d[:, None] < DV),
-                        other=0.0,
-                    )
-                    dp_t += tl.dot(v_c, do_t, input_precision=DOT_PRECISION)
-            delta = tl.load(Delta + row_stats + offs_m, mask=m_mask, other=0.0)
-            ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
-            q = tl.load(
-                q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_dk[None, :],
-                mask=m_mask[:, None] & (offs_dk[None, :] < DQK),
-                other=0.0,
-            )
-            ds_t_lp = ds_t.to(q.dtype)
-            dk += tl.dot(ds_t_lp, q, input_precision=DOT_PRECISION)
-            dq = tl.dot(tl.trans(ds_t_lp), k, input_precision=DOT_PRECISION) * sm_scale
-            tl.atomic_add(
-                dq_base + offs_m[:, None].to(tl.int64) * stride_aqm + offs_dk[None, :],
-                dq,
-                mask=m_mask[:, None] & (offs_dk[None, :] < DQK),
-            )
+    dk, dv = _dkdv_query_loop(
+        dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row,
+        offs_n, n_mask, offs_dk, offs_dv, m_start, m_full, kv_len, causal_offset, qk_scale, sm_scale,
+        stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, Nq, DQK, DV,
+        True, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ,
+        BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
+    dk, dv = _dkdv_query_loop(
+        dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row,
+        offs_n, n_mask, offs_dk, offs_dv, m_full, m_end, kv_len, causal_offset, qk_scale, sm_scale,
+        stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, Nq, DQK, DV,
+        False, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ,
+        BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
 
     # Every key row is written, including padded ones and rows past kv_lengths (zeros there).
+    row_mask = (offs_n < Nk)[:, None]
     if COMPUTE_DV:
-        dv_ptrs = DV_ + b * stride_dvb + h * stride_dvh + key_rows * stride_dvn + offs_dv[None, :]
-        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=(offs_n < Nk)[:, None] & (offs_dv[None, :] < DV))
+        dv_ptrs = DV_ + b * stride_dvb + h * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :]
+        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
     if COMPUTE_DKDQ:
-        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + key_rows * stride_dkn + offs_dk[None, :]
+        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_dk[None, :]
         dk = dk * sm_scale
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(offs_n < Nk)[:, None] & (offs_dk[None, :] < DQK))
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_mask & (offs_dk[None, :] < DQK))
+
+
+@triton.jit
+def _dq_key_loop(
+    dq, q, do, lse, delta, k_base, v_base, pad_row, offs_m, start, end, key_end, causal_offset,
+    qk_scale, stride_kn, stride_vn, stride_pn, DQK, DV,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block over key blocks ``[start, end)`` (fast path: one head-dim chunk)."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < key_end
+        k = _load_rows(k_base, offs_n, n_mask, stride_kn, tl.arange(0, BLOCK_DK), DQK)
+        v = _load_rows(v_base, offs_n, n_mask, stride_vn, tl.arange(0, BLOCK_DV), DV)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], key_end, causal_offset, CAUSAL), p, 0.0)
+        if HAS_PAD:
+            p = tl.where(_key_kept(pad_row, offs_n, key_end, stride_pn)[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, KeyPad, KvLen,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_gb, stride_gm, stride_gh,
+    stride_lb, stride_lh,
+    stride_ds, stride_db, stride_dm, stride_dh,
+    stride_pb, stride_pn,
+    H, Nq, Nk, DQK, DV,
+    qk_scale, sm_scale, keys_per_split, num_m_blocks, num_splits,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    # One program: BLOCK_M queries x one key split of one (batch, head), like the forward. Each
+    # split writes its own partial dQ (no atomics); the launcher sums the splits.
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    rest = pid // num_m_blocks
+    split = rest % num_splits
+    pid_bh = rest // num_splits
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < Nq
+    kv_len = Nk
+    if HAS_KVLEN:
+        kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
+    causal_offset = kv_len - Nq
+    lo = split * keys_per_split
+    key_end = tl.minimum(lo + keys_per_split, kv_len)
+    hi = key_end
+    full_end = key_end
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
+        full_end = tl.minimum(full_end, pid_m * BLOCK_M + causal_offset + 1)
+    full_end = tl.maximum(lo + ((full_end - lo) // BLOCK_N) * BLOCK_N, lo)
+    full_end = tl.minimum(full_end, hi)
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK)
+    do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, m_mask, stride_gm, tl.arange(0, BLOCK_DV), DV)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    pad_row = KeyPad + b * stride_pb
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], ACC_DTYPE)
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, k_base, v_base, pad_row, offs_m, lo, full_end, key_end, causal_offset,
+        qk_scale, stride_kn, stride_vn, stride_pn, DQK, DV,
+        False, CAUSAL, HAS_PAD, BLOCK_N, BLOCK_DK, BLOCK_DV, DOT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, k_base, v_base, pad_row, offs_m, full_end, hi, key_end, causal_offset,
+        qk_scale, stride_kn, stride_vn, stride_pn, DQK, DV,
+        True, CAUSAL, HAS_PAD, BLOCK_N, BLOCK_DK, BLOCK_DV, DOT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
+    offs_d = tl.arange(0, BLOCK_DK)
+    dq_ptrs = (
+        DQ + split.to(tl.int64) * stride_ds + b * stride_db + h * stride_dh
+        + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :]
+    )  # fmt: skip
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & (offs_d[None, :] < DQK))
 
 
 def attention_backward(
@@ -241,7 +337,8 @@ def attention_backward(
     kv_lengths: torch.Tensor | None,
     causal: bool,
     scale: float,
-    config: configs.LaunchConfig | None = None,
+    num_splits: int = 0,
+    config: configs.BackwardConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_forward` with respect to q, k and v.
 
@@ -249,23 +346,33 @@ def attention_backward(
         grad_out: ``(B, Nq, H, Dv)``, last dim contiguous; grad_lse: ``(B, H, Nq)`` or None.
         q, k, v, key_padding_mask, kv_lengths, causal, scale: as given to the forward.
         out, lse: the forward's outputs.
-        config: tile shape override (benchmarks sweep it); default ``configs.backward_config``.
+        num_splits: key-axis splits of the dQ pass (split dQ mode); 0 chooses from the SM count.
+        config: tiles and dQ strategy; default ``configs.backward_config`` (benchmarks sweep it).
 
     Returns:
         ``dq (Bq, Nq, H, Dqk)`` (summed over the batch when ``Bq == 1``), ``dk``, ``dv`` shaped like
-        k and v, in the inputs' dtype.
+        q, k and v, in the inputs' dtype.
     """
     batch, num_keys, heads, head_dim_qk = k.shape
     num_queries, head_dim_v = q.shape[1], v.shape[3]
     is_cuda = q.device.type == "cuda"
-    cfg = config or configs.backward_config(head_dim_qk, head_dim_v, is_cuda)
     qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
     v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
+    fast_path = qk_tiles.num_chunks == 1 and v_tiles.num_chunks == 1
+    cfg = config or configs.backward_config(head_dim_qk, head_dim_v, is_cuda)
+    # The split dQ kernel keeps whole q/dO rows in registers: fast path only.
+    atomic_dq = cfg.dq_mode == "atomic" or not fast_path
     acc = acc_dtype(q.dtype)
     stats_dtype = lse.dtype
+    broadcast_q = q.shape[0] == 1 and batch > 1
+    q_batch_stride = 0 if broadcast_q else q.stride(0)
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty(0)
+    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    lengths = kv_lengths if kv_lengths is not None else q.new_empty(0)
+    flags = dict(CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None)
 
     delta = torch.empty((batch, heads, num_queries), device=q.device, dtype=stats_dtype)
-    delta_block_m = 16 if not is_cuda else 64
+    delta_block_m = 64 if is_cuda else 16
     delta_blocks = triton.cdiv(num_queries, delta_block_m)
     _bwd_delta_kernel[(delta_blocks * batch * heads,)](
         out, grad_out, grad_lse if grad_lse is not None else lse, delta,
@@ -278,45 +385,76 @@ def attention_backward(
         BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks, ACC_DTYPE=acc,
     )  # fmt: skip
 
-    # dQ is accumulated by atomics in float32 (float64 for float64 inputs). A broadcast batch-1
-    # query gets batch stride 0 so every sample adds into the same rows: the batch sum for free.
-    dq_acc = torch.zeros(
-        (q.shape[0], num_queries, heads, head_dim_qk), device=q.device, dtype=stats_dtype
-    )
+    if atomic_dq:
+        # float32 accumulator (float64 for float64 inputs). A broadcast batch-1 query gets batch
+        # stride 0, so every sample adds into the same rows: the batch sum for free.
+        dq_buf = torch.zeros((q.shape[0], num_queries, heads, head_dim_qk), device=q.device, dtype=stats_dtype)
+    else:
+        dq_buf = q.new_empty(0)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    broadcast_q = q.shape[0] == 1 and batch > 1
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty(0)
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    lengths = kv_lengths if kv_lengths is not None else q.new_empty(0)
     num_n_blocks = triton.cdiv(num_keys, cfg.block_n)
 
-    def launch(num_z: int, compute_dv: bool, compute_dkdq: bool) -> None:
-        _bwd_kernel[(num_n_blocks * num_z * batch * heads,)](
-            q, k, v, grad_out, lse, delta, dq_acc, dk, dv, pad, lengths,
-            0 if broadcast_q else q.stride(0), q.stride(1), q.stride(2),
+    def launch_dkdv(num_z: int, compute_dv: bool, compute_dkdq: bool) -> None:
+        _bwd_dkdv_kernel[(num_n_blocks * num_z * batch * heads,)](
+            q, k, v, grad_out, lse, delta, dq_buf, dk, dv, pad, lengths,
+            q_batch_stride, q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             lse.stride(0), lse.stride(1),
-            0 if broadcast_q else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+            *((0 if broadcast_q else dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2)) if atomic_dq else (0, 0, 0)),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             pad_strides[0], pad_strides[1],
             heads, num_queries, num_keys, head_dim_qk, head_dim_v,
-            scale * LOG2E, scale, num_n_blocks, num_z,
-            CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None,
+            scale * LOG2E, scale, num_n_blocks, num_z, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_DK=qk_tiles.block, NUM_DK=qk_tiles.num_chunks,
             BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
-            FUSED=compute_dv and compute_dkdq, COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq,
+            COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq, ATOMIC_DQ=atomic_dq and compute_dkdq,
             DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
-    if qk_tiles.num_chunks == 1 and v_tiles.num_chunks == 1:
-        launch(1, compute_dv=True, compute_dkdq=True)
+    if fast_path:
+        launch_dkdv(1, compute_dv=True, compute_dkdq=True)
     else:
-        launch(v_tiles.num_chunks, compute_dv=True, compute_dkdq=False)
-        launch(qk_tiles.num_chunks, compute_dv=False, compute_dkdq=True)
-    return dq_acc.to(q.dtype), dk, dv
+        launch_dkdv(v_tiles.num_chunks, compute_dv=True, compute_dkdq=False)
+        launch_dkdv(qk_tiles.num_chunks, compute_dv=False, compute_dkdq=True)
+    if atomic_dq:
+        return dq_buf.to(q.dtype), dk, dv
+
+    # Split dQ: parallel over query blocks and key splits, like the forward.
+    num_m_blocks = triton.cdiv(num_queries, cfg.dq_block_m)
+    num_key_blocks = max(1, triton.cdiv(num_keys, cfg.dq_block_n))
+    if num_splits <= 0:
+        num_splits = configs.num_kv_splits(
+            batch * heads * num_m_blocks, num_key_blocks, q.device.index if is_cuda else None
+        )
+    blocks_per_split = triton.cdiv(num_key_blocks, num_splits)
+    num_splits = triton.cdiv(num_key_blocks, blocks_per_split)
+    direct = num_splits == 1 and not broadcast_q  # write dq itself, no partial sums to reduce
+    if direct:
+        dq_part = torch.empty_like(q, memory_format=torch.contiguous_format).unsqueeze(0)
+    else:
+        dq_part = torch.empty((num_splits, batch, num_queries, heads, head_dim_qk), device=q.device, dtype=stats_dtype)
+    _bwd_dq_kernel[(num_m_blocks * num_splits * batch * heads,)](
+        q, k, v, grad_out, lse, delta, dq_part, pad, lengths,
+        q_batch_stride, q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        lse.stride(0), lse.stride(1),
+        dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dq_part.stride(3),
+        pad_strides[0], pad_strides[1],
+        heads, num_queries, num_keys, head_dim_qk, head_dim_v,
+        scale * LOG2E, scale, blocks_per_split * cfg.dq_block_n, num_m_blocks, num_splits, **flags,
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_DK=qk_tiles.block, BLOCK_DV=v_tiles.block,
+        DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc,
+        num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages,
+    )  # fmt: skip
+    if direct:
+        return dq_part.squeeze(0), dk, dv
+    dq = dq_part.sum(dim=(0, 1) if broadcast_q else 0, keepdim=False)
+    return (dq.unsqueeze(0) if broadcast_q else dq).to(q.dtype), dk, dv

@@ -13,34 +13,46 @@ import triton
 import triton.language as tl
 
 from . import configs
-
-LOG2E = 1.4426950408889634
+from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision
 
 
 @triton.jit
-def _visible(
-    query_idx,
-    key_idx,
-    key_end,
-    causal_offset,
-    pad_row,
-    stride_pn,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-):
-    """Bool tile: which (query, key) pairs take part.
-
-    ``query_idx`` and ``key_idx`` come shaped for broadcasting (``[:, None]`` and ``[None, :]``, or
-    the transpose), so the forward and the transposed backward share this. ``key_end`` folds ``Nk``,
-    ``kv_lengths[b]`` and a split's end; ``causal_offset`` is ``L_b - Nq`` (bottom-right alignment).
-    """
-    visible = (key_idx < key_end) & (query_idx >= 0)
-    if CAUSAL:
-        visible = visible & (key_idx <= query_idx + causal_offset)
-    if HAS_PAD:
-        is_pad = tl.load(pad_row + key_idx.to(tl.int64) * stride_pn, mask=key_idx < key_end, other=1)
-        visible = visible & (is_pad == 0)
-    return visible
+def _fwd_key_loop(
+    acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, offs_m, m_mask, offs_dv,
+    start, end, key_end, causal_offset, qk_scale,
+    stride_qm, stride_kn, stride_vn, stride_pn, DQK, DV,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over key blocks ``[start, end)``. ``MASKED`` blocks straddle the causal
+    diagonal or the end of the keys and get the full index mask; the others only key padding."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < key_end
+        s = _scores(
+            q, q_base, k_base, offs_m, offs_n, m_mask, n_mask, stride_qm, stride_kn, DQK,
+            BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+        )  # fmt: skip
+        s = s * qk_scale
+        if MASKED:
+            visible = _visible(offs_m[:, None], offs_n[None, :], key_end, causal_offset, CAUSAL)
+            if HAS_PAD:
+                visible = visible & _key_kept(pad_row, offs_n, key_end, stride_pn)[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        elif HAS_PAD:
+            s = tl.where(_key_kept(pad_row, offs_n, key_end, stride_pn)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 finite.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, n_mask, stride_vn, offs_dv, DV)
+        acc = acc * alpha[:, None]
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -79,7 +91,6 @@ def _fwd_kernel(
     pad_row = KeyPad + b * stride_pb
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
     m_mask = offs_m < Nq
 
@@ -88,65 +99,37 @@ def _fwd_kernel(
         kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
     causal_offset = kv_len - Nq
     lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, kv_len)
+    key_end = tl.minimum(lo + keys_per_split, kv_len)
+    hi = key_end
+    full_end = key_end  # keys before this are visible to every row of the block
     if CAUSAL:
-        # Last key that the last row of this block can see, plus one.
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
+        full_end = tl.minimum(full_end, pid_m * BLOCK_M + causal_offset + 1)
+    # Whole key blocks from lo need no index mask; the rest (at most a few blocks) do.
+    full_end = tl.maximum(lo + ((full_end - lo) // BLOCK_N) * BLOCK_N, lo)
+    full_end = tl.minimum(full_end, hi)
 
     if NUM_DK == 1:
         # Fast path: the whole q tile stays in registers for the key loop.
-        q = tl.load(
-            q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_dk[None, :],
-            mask=m_mask[:, None] & (offs_dk[None, :] < DQK),
-            other=0.0,
-        )
+        q = _load_rows(q_base, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK)
+    else:
+        q = q_base  # unused: the chunked path reloads q chunk by chunk
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        if NUM_DK == 1:
-            k_t = tl.load(
-                k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_dk[:, None],
-                mask=n_mask[None, :] & (offs_dk[:, None] < DQK),
-                other=0.0,
-            )
-            s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        else:
-            # Wide qk head dim: accumulate the scores over fixed-width chunks.
-            s = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
-            for c in range(NUM_DK):
-                offs_d = c * BLOCK_DK + offs_dk
-                q_c = tl.load(
-                    q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                    mask=m_mask[:, None] & (offs_d[None, :] < DQK),
-                    other=0.0,
-                )
-                k_t = tl.load(
-                    k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                    mask=n_mask[None, :] & (offs_d[:, None] < DQK),
-                    other=0.0,
-                )
-                s += tl.dot(q_c, k_t, input_precision=DOT_PRECISION)
-        visible = _visible(
-            offs_m[:, None], offs_n[None, :], hi, causal_offset, pad_row, stride_pn, CAUSAL, HAS_PAD
-        )
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 finite.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
-            mask=n_mask[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, offs_m, m_mask, offs_dv,
+        lo, full_end, key_end, causal_offset, qk_scale,
+        stride_qm, stride_kn, stride_vn, stride_pn, DQK, DV,
+        False, CAUSAL, HAS_PAD, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, offs_m, m_mask, offs_dv,
+        full_end, hi, key_end, causal_offset, qk_scale,
+        stride_qm, stride_kn, stride_vn, stride_pn, DQK, DV,
+        True, CAUSAL, HAS_PAD, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -223,15 +206,6 @@ def _merge_splits_kernel(
             Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
         )
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=tile_mask)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # float32 must be computed at float32 accuracy: never let tl.dot fall back to TF32 silently.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def acc_dtype(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def attention_forward(

@@ -69,18 +69,39 @@ def forward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> LaunchCo
     return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
 
 
-def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> LaunchConfig:
-    """Backward tile shape: ``block_n`` keys per program, ``block_m`` queries per loop step."""
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Backward tiles. dK/dV programs own ``block_n`` keys and step over ``block_m`` queries.
+
+    ``dq_mode`` picks how dQ is formed (docs/DESIGN.md): ``"atomic"`` adds each key block's share into
+    a float32 buffer from the dK/dV kernel (5 matmuls in all, atomics contend on the few query rows
+    of a Perceiver problem); ``"split"`` runs a second kernel parallel over query blocks and key
+    splits (2 recomputed matmuls, no atomics, deterministic). Head dims above the fast path always
+    use atomics.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    dq_mode: str = "split"
+    dq_block_m: int = 64
+    dq_block_n: int = 64
+    dq_num_warps: int = 4
+    dq_num_stages: int = 2
+
+
+def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> BackwardConfig:
     if not is_cuda:
-        return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+        return BackwardConfig(16, 16, 4, 1, dq_block_m=16, dq_block_n=16, dq_num_stages=1)
     widest = max(
         head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block
     )
     if widest <= 64:
-        return LaunchConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
+        return BackwardConfig(64, 128, 8, 2, dq_block_m=128, dq_block_n=64, dq_num_warps=8, dq_num_stages=2)
     if widest <= 128:
-        return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
-    return LaunchConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
+        return BackwardConfig(64, 128, 8, 2, dq_block_m=128, dq_block_n=64, dq_num_warps=8, dq_num_stages=2)
+    return BackwardConfig(32, 64, 8, 1, dq_block_m=64, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
 
 
 @functools.lru_cache(maxsize=None)

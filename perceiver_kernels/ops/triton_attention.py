@@ -61,6 +61,7 @@ def triton_attention_bwd(
     kv_lengths: Tensor | None,
     causal: bool,
     scale: float,
+    num_splits: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` shaped like ``(q, k, v)``; ``dq`` is summed over the batch for a
     broadcast batch-1 query. ``grad_lse`` is the gradient flowing into the returned lse, or None."""
@@ -73,21 +74,22 @@ def triton_attention_bwd(
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()
     return attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale, num_splits
     )
 
 
 @triton_attention_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale, num_splits):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, kv_lengths, causal, scale, _num_splits = inputs
+    q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths)
     ctx.causal = causal
     ctx.scale = scale
+    ctx.num_splits = num_splits
     # Unused outputs arrive as None instead of materialised zeros (no zero-filled dlse pass).
     ctx.set_materialize_grads(False)
 
@@ -97,7 +99,8 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = triton_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, ctx.causal, ctx.scale
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, ctx.causal, ctx.scale,
+        ctx.num_splits,
     )
     return dq, dk, dv, None, None, None, None, None
 
@@ -118,8 +121,8 @@ def triton_attention(
 ) -> tuple[Tensor, Tensor]:
     """Differentiable Triton attention returning ``(out, lse)``; arguments as in ``pk.attention``.
 
-    ``num_splits`` forces the number of key-axis splits (0 = choose from the SM count); tests use it
-    to exercise split-KV on the CPU interpreter.
+    ``num_splits`` forces the number of key-axis splits of the forward and of the backward's dQ pass
+    (0 = choose from the SM count); tests use it to exercise split-KV on the CPU interpreter.
     """
     return torch.ops.perceiver_kernels.triton_attention_fwd(
         q, k, v, key_padding_mask, kv_lengths, causal, float(scale), num_splits
