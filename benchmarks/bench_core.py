@@ -93,26 +93,37 @@ def sweep_configs(shape: Shape, inputs) -> list[dict]:
     q, k, v, pad = (t.transpose(1, 2) if t is not None and t.dim() == 4 else t for t in inputs)
     scale = shape.dqk**-0.5
     rows = []
-    fwd_candidates = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
-    for bm, bn, w, st in fwd_candidates:
-        cfg = configs.LaunchConfig(bm, bn, w, st)
+
+    def timed(label, config, fn, flops):
         try:
-            ms = do_bench(lambda: attention_forward(q, k, v, pad, None, shape.causal, scale, 0, cfg), warmup=25, rep=150, return_mode="median")
+            ms = do_bench(fn, warmup=25, rep=150, return_mode="median")
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             ms = float("nan")
-            print(f"  fwd config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-        rows.append({"shape": shape.name, "pass": "fwd", "config": [bm, bn, w, st], "ms": ms, "tflops": shape.flops("fwd") / ms / 1e9})
+            print(f"  {label} {config} failed: {type(e).__name__}: {str(e)[:300]}")
+        rows.append({"shape": shape.name, "pass": label, "config": str(config), "ms": ms, "tflops": flops / ms / 1e9})
+        print(f"  sweep {shape.name:16s} {label:4s} {ms:.4f} ms {flops / ms / 1e9:6.1f} TFLOP/s {config}", flush=True)
+
+    fwd_flops = shape.flops("fwd")
+    for bm, bn, w, st, splits in [
+        (128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 64, 8, 3, 1), (128, 128, 8, 3, 0),
+        (64, 64, 4, 3, 0), (128, 64, 4, 4, 0), (128, 32, 4, 3, 0),
+    ]:
+        cfg = configs.LaunchConfig(bm, bn, w, st)
+        timed("fwd", (cfg, f"splits={splits}"), lambda: attention_forward(q, k, v, pad, None, shape.causal, scale, splits, cfg), fwd_flops)
     out, lse = attention_forward(q, k, v, pad, None, shape.causal, scale)
     grad = torch.randn_like(out)
-    bwd_candidates = [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2)]
-    for bm, bn, w, st in bwd_candidates:
-        cfg = configs.LaunchConfig(bm, bn, w, st)
-        try:
-            ms = do_bench(lambda: attention_backward(grad, None, q, k, v, out, lse, pad, None, shape.causal, scale, cfg), warmup=25, rep=150, return_mode="median")
-        except Exception as e:  # noqa: BLE001
-            ms = float("nan")
-            print(f"  bwd config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-        rows.append({"shape": shape.name, "pass": "bwd", "config": [bm, bn, w, st], "ms": ms, "tflops": 2.5 * shape.flops("fwd") / ms / 1e9})
+    B = configs.BackwardConfig
+    for cfg in [
+        B(64, 128, 8, 2, "atomic"),
+        B(128, 128, 8, 2, "atomic"),
+        B(64, 128, 8, 2, "split", 128, 64, 8, 2),
+        B(64, 128, 8, 3, "split", 128, 64, 8, 3),
+        B(32, 128, 4, 3, "split", 128, 64, 8, 2),
+        B(64, 128, 4, 3, "split", 64, 64, 4, 3),
+        B(64, 64, 4, 3, "split", 128, 32, 4, 3),
+        B(128, 128, 8, 2, "split", 128, 128, 8, 2),
+    ]:
+        timed("bwd", cfg, lambda: attention_backward(grad, None, q, k, v, out, lse, pad, None, shape.causal, scale, 0, cfg), 2.5 * fwd_flops)
     return rows
 
 
@@ -150,9 +161,7 @@ def main() -> None:
                 results["rows"].append(row)
                 print(f"{name:16s} {provider:16s} {mode:8s} {ms:9.4f} ms {tflops:7.1f} TFLOP/s {note}", flush=True)
         if args.sweep:
-            for row in sweep_configs(shape, inputs):
-                results["sweep"].append(row)
-                print(f"  sweep {row['shape']:16s} {row['pass']} {row['config']} {row['ms']:.4f} ms {row['tflops']:.1f} TFLOP/s", flush=True)
+            results["sweep"].extend(sweep_configs(shape, inputs))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "core_bench.json"), "w") as f:
         json.dump(results, f, indent=1)
