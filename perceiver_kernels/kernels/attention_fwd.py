@@ -234,7 +234,7 @@ def attention_forward(
     batch, num_keys, heads, head_dim_qk = k.shape
     num_queries, head_dim_v = q.shape[1], v.shape[3]
     is_cuda = q.device.type == "cuda"
-    cfg = config or configs.forward_config(head_dim_qk, head_dim_v, is_cuda)
+    cfg = config or configs.forward_config(head_dim_qk, head_dim_v, causal, is_cuda)
     qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
     v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
     num_m_blocks = triton.cdiv(num_queries, cfg.block_m)

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 MAX_FAST_HEAD_DIM = 256
 # Chunk widths used above MAX_FAST_HEAD_DIM.
@@ -27,8 +26,20 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton reads the variable when ``triton.language`` is imported, so it must be set before that;
+    this package does not import triton until a kernel first runs.
+    """
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -41,8 +52,8 @@ class HeadDimTiling:
 
 def head_dim_tiling(head_dim: int, chunk_above_fast: int) -> HeadDimTiling:
     if head_dim <= MAX_FAST_HEAD_DIM:
-        return HeadDimTiling(max(16, triton.next_power_of_2(head_dim)), 1)
-    return HeadDimTiling(chunk_above_fast, triton.cdiv(head_dim, chunk_above_fast))
+        return HeadDimTiling(max(16, next_power_of_2(head_dim)), 1)
+    return HeadDimTiling(chunk_above_fast, cdiv(head_dim, chunk_above_fast))
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,13 @@ class LaunchConfig:
     num_stages: int
 
 
-def forward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> LaunchConfig:
-    """Forward tile shape, chosen by the larger of the two head dims."""
+def forward_config(head_dim_qk: int, head_dim_v: int, causal: bool, is_cuda: bool) -> LaunchConfig:
+    """Forward tile shape, chosen by the wider of the two head-dim tiles.
+
+    D <= 64 values come from a sweep on an H200 (benchmarks/results/core-h200-2026-11-26-run2.json):
+    8 warps won on the non-causal cross-attention shapes, 4 warps on the causal one, where the
+    masked diagonal blocks favour more programs in flight.
+    """
     if not is_cuda:
         # The interpreter pays per program and per loop step; small tiles keep awkward test shapes
         # exercising partial blocks.
@@ -63,7 +79,7 @@ def forward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> LaunchCo
         head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block
     )
     if widest <= 64:
-        return LaunchConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+        return LaunchConfig(block_m=128, block_n=64, num_warps=4 if causal else 8, num_stages=3)
     if widest <= 128:
         return LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
@@ -92,16 +108,18 @@ class BackwardConfig:
 
 
 def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> BackwardConfig:
+    """Backward tiles. D <= 64 from the H200 sweep (split dQ beat atomics by 1.5-2x on every shape);
+    wider head dims use smaller tiles to stay within registers."""
     if not is_cuda:
         return BackwardConfig(16, 16, 4, 1, dq_block_m=16, dq_block_n=16, dq_num_stages=1)
     widest = max(
         head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block
     )
     if widest <= 64:
-        return BackwardConfig(64, 128, 8, 2, dq_block_m=128, dq_block_n=64, dq_num_warps=8, dq_num_stages=2)
+        return BackwardConfig(64, 64, 4, 3, "split", dq_block_m=128, dq_block_n=32, dq_num_warps=4, dq_num_stages=3)
     if widest <= 128:
-        return BackwardConfig(64, 128, 8, 2, dq_block_m=128, dq_block_n=64, dq_num_warps=8, dq_num_stages=2)
-    return BackwardConfig(32, 64, 8, 1, dq_block_m=64, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
+        return BackwardConfig(64, 64, 8, 2, "split", dq_block_m=64, dq_block_n=64, dq_num_warps=8, dq_num_stages=2)
+    return BackwardConfig(32, 64, 8, 1, "split", dq_block_m=64, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,5 +141,5 @@ def num_kv_splits(
     sms = _sm_count(device_index)
     if base_programs >= sms:
         return 1
-    wanted = triton.cdiv(2 * sms, base_programs)
+    wanted = cdiv(2 * sms, base_programs)
     return max(1, min(wanted, num_key_blocks // min_blocks_per_split))

@@ -1,0 +1,141 @@
+"""The ``perceiver-kernels`` command line: ``info`` and ``check``.
+
+``check`` runs every available backend against the float64 reference on a fixed list of cases that
+covers the op's features and prints one row per (case, backend, dtype). On a machine without a GPU it
+runs the Triton kernels through Triton's CPU interpreter on small shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+CHECK_DTYPES = {"cpu": ("float32", "float16"), "cuda": ("float32", "float16", "bfloat16")}
+
+
+def _check_cases():
+    from .testing import AttentionCase
+
+    # (label, case, forced key splits); small enough for the interpreter, awkward on purpose.
+    return [
+        ("cross", AttentionCase(batch=2, nq=33, nk=129, heads=2, dqk=32, dv=32), 0),
+        ("cross split-kv", AttentionCase(batch=2, nq=5, nk=300, heads=2, dqk=32, dv=32), 3),
+        ("broadcast query", AttentionCase(batch=3, q_batch=1, nq=20, nk=70, heads=2), 0),
+        ("key padding", AttentionCase(batch=3, nq=17, nk=100, pad_fraction=0.3, all_padded_sample=True), 0),
+        ("kv_lengths", AttentionCase(batch=4, nq=5, nk=129, kv_lengths=(0, 129, 64, 1)), 0),
+        ("causal (AR cross)", AttentionCase(batch=2, nq=33, nk=129, causal=True), 0),
+        ("causal self", AttentionCase(batch=2, nq=65, nk=65, causal=True), 0),
+        ("causal + padding", AttentionCase(batch=2, nq=17, nk=80, causal=True, pad_fraction=0.2), 0),
+        ("Dqk 32 != Dv 160", AttentionCase(batch=2, nq=17, nk=64, dqk=32, dv=160), 0),
+        ("head dim 261", AttentionCase(batch=1, nq=17, nk=64, heads=1, dqk=261, dv=261), 0),
+        ("permuted (B,H,N,D)", AttentionCase(batch=2, nq=17, nk=64, permuted=True), 0),
+    ]
+
+
+def _triton_fn(num_splits: int):
+    from .ops import triton_attention
+
+    def fn(q, k, v, **kw):
+        return triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
+
+    return fn
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("check: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+        if "triton.language" in sys.modules:
+            # Triton fixed its mode when it was imported; only a fresh process can switch it.
+            return subprocess.call([sys.executable, "-m", "perceiver_kernels", "check", *args.argv])
+    from . import functional
+    from .testing import check_case
+
+    probe = torch.empty(0, device=device)
+    backends = args.backend or [b for b in ("triton", "cuda") if functional.backend_unavailable_reason(b, probe) is None]
+    for backend in backends:
+        reason = functional.backend_unavailable_reason(backend, probe)
+        if reason is not None:
+            print(f"check: backend {backend!r} cannot run on {device}: {reason}", file=sys.stderr)
+            return 2
+    dtypes = args.dtype or list(CHECK_DTYPES[device])
+    where = "Triton CPU interpreter" if device == "cpu" else torch.cuda.get_device_name()
+    print(f"perceiver-kernels check on {device} ({where}); reference: float64 PyTorch")
+    header = f"{'case':22s} {'backend':8s} {'dtype':9s} {'worst':5s} {'max abs err':>11s} {'err/limit':>9s}  result"
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for label, case, splits in _check_cases():
+        for backend in backends:
+            for dtype_name in dtypes:
+                dtype = getattr(torch, dtype_name)
+                if device == "cpu" and dtype == torch.bfloat16:
+                    continue  # the interpreter cannot do bfloat16 dots
+                torch.manual_seed(len(label) * 1000 + len(dtype_name))
+                results = check_case(case, dtype, device, _triton_fn(splits))
+                worst_name, worst = max(results.items(), key=lambda item: item[1].ratio)
+                ok = all(r.ok for r in results.values())
+                failures += not ok
+                print(
+                    f"{label:22s} {backend:8s} {dtype_name:9s} {worst_name:5s} {worst.max_abs_error:11.2e} "
+                    f"{worst.ratio:9.3f}  {'pass' if ok else 'FAIL'}",
+                    flush=True,
+                )
+    print("-" * len(header))
+    print("worst = the output (out, lse, dq, dk, dv) closest to its limit; err/limit < 1 passes.")
+    print("limits: float32 max error <= 1e-4 x max |reference|; float16/bfloat16 <= 2 x the error of the")
+    print("same computation done naively in that dtype + 1 ulp (perceiver_kernels/testing.py).")
+    print(f"{'all passed' if failures == 0 else f'{failures} FAILED'}")
+    return 0 if failures == 0 else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import __version__, functional
+
+    print(f"perceiver-kernels {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}", end="")
+    try:
+        import triton
+
+        print(f", triton {triton.__version__}", end="")
+    except ImportError:
+        print(", triton not installed", end="")
+    print(f", CUDA runtime {torch.version.cuda or 'none (CPU build of torch)'}")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        print(f"device: {props.name}, {props.multi_processor_count} SMs, compute capability {props.major}.{props.minor}")
+        probe = torch.empty(0, device="cuda")
+    else:
+        print("device: CPU only (no CUDA device visible to torch)")
+        probe = torch.empty(0)
+    print("backends:")
+    for backend in ("triton", "cuda", "reference"):
+        reason = functional.backend_unavailable_reason(backend, probe)
+        print(f"  {backend:9s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="perceiver-kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and which backends can run")
+    check = sub.add_parser("check", help="every backend against the reference on a fixed case list")
+    check.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    check.add_argument("--backend", action="append", choices=("triton", "cuda"), help="repeatable; default: all available")
+    check.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), help="repeatable")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+    handler = {"info": cmd_info, "check": cmd_check}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
