@@ -30,30 +30,38 @@ def make_inputs(shape: Shape, dtype: torch.dtype):
         return torch.randn(shape.batch, shape.heads, n, d, device="cuda", dtype=dtype, generator=g)
 
     q, k, v = rand(shape.nq, shape.dqk), rand(shape.nk, shape.dqk), rand(shape.nk, shape.dv)
-    pad = None
+    pad = lengths = None
     if shape.pad_fraction:
         pad = torch.rand(shape.batch, shape.nk, device="cuda", generator=g) < shape.pad_fraction
-    return q, k, v, pad
+    if shape.per_sample_lengths:  # a KV cache filled to a different length per sample
+        lengths = torch.randint(shape.nk // 2, shape.nk + 1, (shape.batch,), device="cuda", generator=g)
+    return q, k, v, pad, lengths
 
 
 def providers(shape: Shape):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
-    def ours(q, k, v, pad):
+    def ours(q, k, v, pad, lengths):
         out = pk.attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            causal=shape.causal, key_padding_mask=pad, backend="triton",
+            causal=shape.causal, key_padding_mask=pad, kv_lengths=lengths, backend="triton",
         )  # fmt: skip
         return out
 
     def sdpa(backend):
-        def run(q, k, v, pad):
+        def run(q, k, v, pad, lengths):
             mask = None
             if shape.causal:
                 mask = causal_lower_right(shape.nq, shape.nk)
             if pad is not None:
                 mask = ~pad[:, None, None, :]
+            if lengths is not None:  # the equivalent boolean mask (a user's only option with SDPA)
+                key_index = torch.arange(shape.nk, device=q.device)
+                visible = key_index[None, None, :] <= (
+                    torch.arange(shape.nq, device=q.device)[None, :, None] + (lengths - shape.nq)[:, None, None]
+                )
+                mask = visible[:, None]
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -70,17 +78,17 @@ def providers(shape: Shape):
 def bench(fn, inputs, mode: str) -> float:
     from triton.testing import do_bench
 
-    q, k, v, pad = inputs
+    q, k, v, pad, lengths = inputs
     if mode == "fwd":
         with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v, pad), warmup=50, rep=300, return_mode="median")
+            return do_bench(lambda: fn(q, k, v, pad, lengths), warmup=25, rep=200, return_mode="median")
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    grad = torch.randn_like(fn(q, k, v, pad))
+    grad = torch.randn_like(fn(q, k, v, pad, lengths))
 
     def step():
-        fn(q, k, v, pad).backward(grad)
+        fn(q, k, v, pad, lengths).backward(grad)
 
-    return do_bench(step, warmup=50, rep=300, grad_to_none=[q, k, v], return_mode="median")
+    return do_bench(step, warmup=25, rep=200, grad_to_none=[q, k, v], return_mode="median")
 
 
 def sweep_configs(shape: Shape, inputs) -> list[dict]:
@@ -90,7 +98,7 @@ def sweep_configs(shape: Shape, inputs) -> list[dict]:
     from perceiver_kernels.kernels.attention_bwd import attention_backward
     from perceiver_kernels.kernels.attention_fwd import attention_forward
 
-    q, k, v, pad = (t.transpose(1, 2) if t is not None and t.dim() == 4 else t for t in inputs)
+    q, k, v, pad, _ = (t.transpose(1, 2) if t is not None and t.dim() == 4 else t for t in inputs)
     scale = shape.dqk**-0.5
     rows = []
 
@@ -105,11 +113,17 @@ def sweep_configs(shape: Shape, inputs) -> list[dict]:
 
     fwd_flops = shape.flops("fwd")
     for bm, bn, w, st, splits in [
-        (128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 64, 8, 3, 1), (128, 128, 8, 3, 0),
-        (64, 64, 4, 3, 0), (128, 64, 4, 4, 0), (128, 32, 4, 3, 0),
+        (128, 64, 4, 3, 0),
+        (128, 64, 8, 3, 0),
+        (128, 64, 8, 3, 1),
+        (128, 128, 8, 3, 0),
+        (64, 64, 4, 3, 0),
+        (128, 64, 4, 4, 0),
+        (128, 32, 4, 3, 0),
     ]:
         cfg = configs.LaunchConfig(bm, bn, w, st)
-        timed("fwd", (cfg, f"splits={splits}"), lambda: attention_forward(q, k, v, pad, None, shape.causal, scale, splits, cfg), fwd_flops)
+        run = lambda cfg=cfg, splits=splits: attention_forward(q, k, v, pad, None, shape.causal, scale, splits, cfg)
+        timed("fwd", (cfg, f"splits={splits}"), run, fwd_flops)
     out, lse = attention_forward(q, k, v, pad, None, shape.causal, scale)
     grad = torch.randn_like(out)
     B = configs.BackwardConfig
@@ -123,7 +137,8 @@ def sweep_configs(shape: Shape, inputs) -> list[dict]:
         B(64, 64, 4, 3, "split", 128, 32, 4, 3),
         B(128, 128, 8, 2, "split", 128, 128, 8, 2),
     ]:
-        timed("bwd", cfg, lambda: attention_backward(grad, None, q, k, v, out, lse, pad, None, shape.causal, scale, 0, cfg), 2.5 * fwd_flops)
+        run = lambda cfg=cfg: attention_backward(grad, None, q, k, v, out, lse, pad, None, shape.causal, scale, 0, cfg)
+        timed("bwd", cfg, run, 2.5 * fwd_flops)
     return rows
 
 
@@ -135,6 +150,11 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch.bfloat16
     torch.backends.cuda.matmul.allow_tf32 = False
+    # Bring the clocks up before the first timing (the first rows of earlier runs read low).
+    warm = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    for _ in range(50):
+        warm @ warm
+    torch.cuda.synchronize()
     props = torch.cuda.get_device_properties(0)
     results = {
         "device": props.name,
@@ -150,7 +170,7 @@ def main() -> None:
         shape = SHAPES[name]
         inputs = make_inputs(shape, dtype)
         for provider, fn in providers(shape).items():
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in ("fwd",) if shape.forward_only else ("fwd", "fwd+bwd"):
                 try:
                     ms = bench(fn, inputs, mode)
                     note = ""
@@ -162,9 +182,12 @@ def main() -> None:
                 print(f"{name:16s} {provider:16s} {mode:8s} {ms:9.4f} ms {tflops:7.1f} TFLOP/s {note}", flush=True)
         if args.sweep:
             results["sweep"].extend(sweep_configs(shape, inputs))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "core_bench.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        # Written after every shape so that a run cut short keeps what it measured.
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "core_bench.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        del inputs
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

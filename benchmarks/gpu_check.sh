@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi -L
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/env.log"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -n 16 -rs --durations=5 2>&1 | tee "$out/tests.log" | tail -40
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest tests -q -n 16 -rs --durations=5 2>&1 | tee "$out/tests.log" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"
-timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_core.py --out "$out" ${BENCH_ARGS:---sweep} 2>&1 | tee "$out/bench.log"
+timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_core.py --out "$out" ${BENCH_ARGS:---sweep} 2>&1 | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"

@@ -60,7 +60,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .testing import check_case
 
     probe = torch.empty(0, device=device)
-    backends = args.backend or [b for b in ("triton", "cuda") if functional.backend_unavailable_reason(b, probe) is None]
+    available = [b for b in ("triton", "cuda") if functional.backend_unavailable_reason(b, probe) is None]
+    backends = args.backend or available
     for backend in backends:
         reason = functional.backend_unavailable_reason(backend, probe)
         if reason is not None:
@@ -111,7 +112,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f", CUDA runtime {torch.version.cuda or 'none (CPU build of torch)'}")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        print(f"device: {props.name}, {props.multi_processor_count} SMs, compute capability {props.major}.{props.minor}")
+        sms, capability = props.multi_processor_count, f"{props.major}.{props.minor}"
+        print(f"device: {props.name}, {sms} SMs, compute capability {capability}")
         probe = torch.empty(0, device="cuda")
     else:
         print("device: CPU only (no CUDA device visible to torch)")
@@ -129,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, device and which backends can run")
     check = sub.add_parser("check", help="every backend against the reference on a fixed case list")
     check.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    check.add_argument("--backend", action="append", choices=("triton", "cuda"), help="repeatable; default: all available")
+    check.add_argument(
+        "--backend", action="append", choices=("triton", "cuda"), help="repeatable; default: all available"
+    )
     check.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), help="repeatable")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else argv[1:])

@@ -160,8 +160,7 @@ def _validate(q, k, v, causal, key_padding_mask, kv_lengths, scale, return_lse) 
             raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
         if tuple(key_padding_mask.shape) != (batch, num_keys):
             raise ValueError(
-                f"key_padding_mask must have shape (B, Nk) = ({batch}, {num_keys}), "
-                f"got {tuple(key_padding_mask.shape)}"
+                f"key_padding_mask must have shape (B, Nk) = ({batch}, {num_keys}), got {tuple(key_padding_mask.shape)}"
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
@@ -175,6 +174,4 @@ def _validate(q, k, v, causal, key_padding_mask, kv_lengths, scale, return_lse) 
         # A value check needs the data, which a compiled graph does not have; kernels also clamp.
         if not torch.compiler.is_compiling() and batch > 0:
             if bool(((kv_lengths < 0) | (kv_lengths > num_keys)).any()):
-                raise ValueError(
-                    f"kv_lengths values must lie in [0, Nk={num_keys}], got {kv_lengths.tolist()}"
-                )
+                raise ValueError(f"kv_lengths values must lie in [0, Nk={num_keys}], got {kv_lengths.tolist()}")

@@ -92,6 +92,9 @@ def attention_reference(
         device=q.device,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
+    if num_keys == 0:  # amax over an empty axis is undefined; every row simply sees no key
+        scores = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+        v = v.new_zeros((batch, 1, *v.shape[2:]))
     # Stable softmax written out so that rows with no visible key give exact zeros and zero
     # gradients: torch.softmax and logsumexp would produce NaN for an all -inf row.
     row_max = scores.amax(dim=-1, keepdim=True).detach()

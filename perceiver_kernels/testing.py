@@ -176,7 +176,4 @@ def check_case(case: AttentionCase, dtype: torch.dtype, device, attention_fn) ->
             q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_(),
             v.detach().clone().requires_grad_(),
         )  # fmt: skip
-    return {
-        name: compare(results[name], reference[name], naive[name] if naive else None)
-        for name in results
-    }
+    return {name: compare(results[name], reference[name], naive[name] if naive else None) for name in results}

@@ -8,7 +8,7 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels.ops import triton_attention
-from perceiver_kernels.testing import AttentionCase, check_case
+from perceiver_kernels.testing import AttentionCase, check_case, make_inputs
 
 # float32 and float16 run everywhere; the interpreter cannot do bfloat16 dots, so bfloat16 is GPU-only.
 DTYPES = [
@@ -56,6 +56,7 @@ FEATURE_CASES = {
     "head-dim-1": AttentionCase(nq=5, nk=17, dqk=1, dv=1),
     "head-dims-odd": AttentionCase(nq=33, nk=129, dqk=7, dv=13),
     "mlm-32-160": AttentionCase(nq=33, nk=129, dqk=32, dv=160),
+    "head-dims-96-128": AttentionCase(nq=33, nk=129, dqk=96, dv=128, causal=True, pad_fraction=0.2),
     "head-dim-256": AttentionCase(nq=17, nk=40, heads=1, dqk=256, dv=256),
     "imagenet-261": AttentionCase(batch=2, nq=17, nk=100, heads=1, dqk=261, dv=261, pad_fraction=0.2),
     "wide-qk-narrow-v": AttentionCase(nq=17, nk=40, heads=1, dqk=300, dv=40, causal=True),
@@ -93,7 +94,7 @@ def test_more_splits_than_key_blocks(device):
 
 def test_public_api_matches_reference(device):
     case = AttentionCase(batch=2, nq=9, nk=40, causal=True, pad_fraction=0.2)
-    inputs = {n: t for n, t in __import__("perceiver_kernels.testing", fromlist=["x"]).make_inputs(case, torch.float32, device).items()}
+    inputs = make_inputs(case, torch.float32, device)
     args = dict(causal=True, key_padding_mask=inputs["key_padding_mask"])
     out, lse = pk.attention(inputs["q"], inputs["k"], inputs["v"], **args, backend="triton", return_lse=True)
     ref_out, ref_lse = pk.attention(inputs["q"], inputs["k"], inputs["v"], **args, backend="reference", return_lse=True)
@@ -111,8 +112,6 @@ def test_custom_scale(device):
     def ref(q, k, v, **kw):
         return pk.attention_reference(q, k, v, scale=0.37, return_lse=True, **kw)
 
-    from perceiver_kernels.testing import make_inputs
-
     inputs = make_inputs(case, torch.float32, device)
     out, _ = fn(inputs["q"], inputs["k"], inputs["v"])
     ref_out, _ = ref(inputs["q"], inputs["k"], inputs["v"])
@@ -122,8 +121,6 @@ def test_custom_scale(device):
 def test_rows_without_keys_are_zero_and_finite(device):
     """A fully padded sample: zero output, -inf lse, zero (not NaN) gradients."""
     case = replace(FEATURE_CASES["padding-all-padded-sample"])
-    from perceiver_kernels.testing import make_inputs
-
     inputs = make_inputs(case, torch.float32, device)
     out, lse = triton_attention(
         inputs["q"], inputs["k"], inputs["v"], key_padding_mask=inputs["key_padding_mask"], scale=0.25

@@ -45,7 +45,8 @@ def _bwd_delta_kernel(
         tile_mask = m_mask[:, None] & (offs_d[None, :] < DV)
         rows = offs_m[:, None].to(tl.int64)
         o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=tile_mask, other=0.0)
-        do = tl.load(DOut + b * stride_gb + h * stride_gh + rows * stride_gm + offs_d[None, :], mask=tile_mask, other=0.0)
+        do_ptrs = DOut + b * stride_gb + h * stride_gh + rows * stride_gm + offs_d[None, :]
+        do = tl.load(do_ptrs, mask=tile_mask, other=0.0)
         delta += tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
     if HAS_DLSE:
         dlse = tl.load(DLse + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=0.0)

@@ -202,9 +202,7 @@ def _merge_splits_kernel(
                 other=0.0,
             )
             acc += weight[:, None] * part
-        out_ptrs = (
-            Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
-        )
+        out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=tile_mask)
 
 
@@ -241,9 +239,7 @@ def attention_forward(
     num_key_blocks = max(1, triton.cdiv(num_keys, cfg.block_n))
     if num_splits <= 0:
         base_programs = batch * heads * num_m_blocks * v_tiles.num_chunks
-        num_splits = configs.num_kv_splits(
-            base_programs, num_key_blocks, q.device.index if is_cuda else None
-        )
+        num_splits = configs.num_kv_splits(base_programs, num_key_blocks, q.device.index if is_cuda else None)
     blocks_per_split = triton.cdiv(num_key_blocks, num_splits)
     num_splits = triton.cdiv(num_key_blocks, blocks_per_split)  # no empty trailing splits
     keys_per_split = blocks_per_split * cfg.block_n

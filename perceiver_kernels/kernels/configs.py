@@ -75,9 +75,7 @@ def forward_config(head_dim_qk: int, head_dim_v: int, causal: bool, is_cuda: boo
         # The interpreter pays per program and per loop step; small tiles keep awkward test shapes
         # exercising partial blocks.
         return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    widest = max(
-        head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block
-    )
+    widest = max(head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block)
     if widest <= 64:
         return LaunchConfig(block_m=128, block_n=64, num_warps=4 if causal else 8, num_stages=3)
     if widest <= 128:
@@ -112,9 +110,7 @@ def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> Backwar
     wider head dims use smaller tiles to stay within registers."""
     if not is_cuda:
         return BackwardConfig(16, 16, 4, 1, dq_block_m=16, dq_block_n=16, dq_num_stages=1)
-    widest = max(
-        head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block
-    )
+    widest = max(head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block)
     if widest <= 64:
         return BackwardConfig(64, 64, 4, 3, "split", dq_block_m=128, dq_block_n=32, dq_num_warps=4, dq_num_stages=3)
     if widest <= 128:
@@ -122,7 +118,7 @@ def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> Backwar
     return BackwardConfig(32, 64, 8, 1, "split", dq_block_m=64, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -99,7 +99,17 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = triton_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, ctx.causal, ctx.scale,
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        kv_lengths,
+        ctx.causal,
+        ctx.scale,
         ctx.num_splits,
     )
     return dq, dk, dv, None, None, None, None, None
