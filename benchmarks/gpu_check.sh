@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (no network; its own python3, torch and triton):
-# environment, the test suite on CUDA (bfloat16 included), and the core benchmark with a config sweep.
+# environment, the test suite on CUDA (bfloat16 included), `perceiver-kernels check`, and the core
+# benchmark (BENCH_ARGS, default: the three core shapes with a tile-config sweep).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR}
@@ -14,5 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 } 2>&1 | tee "$out/env.log"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest tests -q -n 16 -rs --durations=5 2>&1 | tee "$out/tests.log" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"
+timeout "${CHECK_TIMEOUT:-60}" python3 -m perceiver_kernels check --device cuda 2>&1 | tee "$out/check.log"
+echo "check exit: ${PIPESTATUS[0]}"
 timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_core.py --out "$out" ${BENCH_ARGS:---sweep} 2>&1 | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
