@@ -93,6 +93,9 @@ def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | N
     if q is None:
         return None
     if q.device.type == "cuda":
+        if q.dtype == torch.float64:
+            # Triton has no float64 dot on GPUs; float64 is a CPU-interpreter verification mode.
+            return "Triton has no float64 matrix product on GPUs; use float32 (computed without TF32)"
         return None
     if q.device.type != "cpu":
         return f"the Triton backend runs on CUDA tensors, got a {q.device.type} tensor"

@@ -99,3 +99,11 @@ def test_empty_batch_queries_and_keys():
             assert lse.shape == (shape_k[0], 2, shape_q[1])
             if shape_k[1] == 0:  # no keys at all: zero rows, lse -inf
                 assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+@pytest.mark.gpu
+def test_float64_on_gpu_says_why():
+    q, k, v = (t.cuda() for t in qkv(dtype=torch.float64))
+    with pytest.raises(ValueError, match="no float64 matrix product on GPUs"):
+        pk.attention(q, k, v, backend="triton")
+    assert pk.resolve_backend("auto", q) == "reference"

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision
+from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision, with_head_dim
 
 
 @triton.jit
@@ -354,8 +354,12 @@ def attention_backward(
         ``dq (Bq, Nq, H, Dqk)`` (summed over the batch when ``Bq == 1``), ``dk``, ``dv`` shaped like
         q, k and v, in the inputs' dtype.
     """
-    batch, num_keys, heads, head_dim_qk = k.shape
-    num_queries, head_dim_v = q.shape[1], v.shape[3]
+    batch, num_keys, heads, head_dim_qk_in = k.shape
+    num_queries, head_dim_v_in = q.shape[1], v.shape[3]
+    head_dim_qk = configs.aligned_head_dim(head_dim_qk_in, configs.QK_CHUNK)
+    head_dim_v = configs.aligned_head_dim(head_dim_v_in, configs.V_CHUNK)
+    q, k = with_head_dim(q, head_dim_qk), with_head_dim(k, head_dim_qk)
+    v, out, grad_out = (with_head_dim(t, head_dim_v) for t in (v, out, grad_out))
     is_cuda = q.device.type == "cuda"
     qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
     v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
@@ -424,7 +428,7 @@ def attention_backward(
         launch_dkdv(v_tiles.num_chunks, compute_dv=True, compute_dkdq=False)
         launch_dkdv(qk_tiles.num_chunks, compute_dv=False, compute_dkdq=True)
     if atomic_dq:
-        return dq_buf.to(q.dtype), dk, dv
+        return _unpad(dq_buf.to(q.dtype), dk, dv, head_dim_qk_in, head_dim_v_in)
 
     # Split dQ: parallel over query blocks and key splits, like the forward.
     num_m_blocks = triton.cdiv(num_queries, cfg.dq_block_m)
@@ -456,6 +460,17 @@ def attention_backward(
         num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages,
     )  # fmt: skip
     if direct:
-        return dq_part.squeeze(0), dk, dv
-    dq = dq_part.sum(dim=(0, 1) if broadcast_q else 0, keepdim=False)
-    return (dq.unsqueeze(0) if broadcast_q else dq).to(q.dtype), dk, dv
+        dq = dq_part.squeeze(0)
+    else:
+        dq = dq_part.sum(dim=(0, 1) if broadcast_q else 0, keepdim=False)
+        dq = (dq.unsqueeze(0) if broadcast_q else dq).to(q.dtype)
+    return _unpad(dq, dk, dv, head_dim_qk_in, head_dim_v_in)
+
+
+def _unpad(dq, dk, dv, head_dim_qk: int, head_dim_v: int):
+    """Drop the zero-padded head-dim columns added by ``with_head_dim``."""
+    if dq.shape[-1] != head_dim_qk:
+        dq, dk = dq[..., :head_dim_qk].contiguous(), dk[..., :head_dim_qk].contiguous()
+    if dv.shape[-1] != head_dim_v:
+        dv = dv[..., :head_dim_v].contiguous()
+    return dq, dk, dv

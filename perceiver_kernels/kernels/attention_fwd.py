@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision
+from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision, with_head_dim
 
 
 @triton.jit
@@ -229,8 +229,11 @@ def attention_forward(
     Returns:
         ``out (B, Nq, H, Dv)`` in q's dtype and ``lse (B, H, Nq)`` (float32; float64 for float64).
     """
-    batch, num_keys, heads, head_dim_qk = k.shape
-    num_queries, head_dim_v = q.shape[1], v.shape[3]
+    batch, num_keys, heads, _ = k.shape
+    num_queries, head_dim_v_out = q.shape[1], v.shape[3]
+    head_dim_qk = configs.aligned_head_dim(k.shape[3], configs.QK_CHUNK)
+    head_dim_v = configs.aligned_head_dim(head_dim_v_out, configs.V_CHUNK)
+    q, k, v = with_head_dim(q, head_dim_qk), with_head_dim(k, head_dim_qk), with_head_dim(v, head_dim_v)
     is_cuda = q.device.type == "cuda"
     cfg = config or configs.forward_config(head_dim_qk, head_dim_v, causal, is_cuda)
     qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
@@ -288,4 +291,6 @@ def attention_forward(
             BLOCK_M=merge_block_m, BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
             ACC_DTYPE=acc_dtype(q.dtype),
         )  # fmt: skip
+    if head_dim_v != head_dim_v_out:
+        out = out[..., :head_dim_v_out].contiguous()
     return out, lse

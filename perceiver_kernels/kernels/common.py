@@ -82,6 +82,15 @@ def _load_rows(base, offs_rows, row_mask, stride_row, offs_d, HEAD_DIM):
     )
 
 
+def with_head_dim(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``x`` with its last dim zero-padded to ``head_dim`` and 16-element aligned strides (a copy
+    only when needed; see ``configs.aligned_head_dim``)."""
+    aligned = all(stride % 16 == 0 for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True) if size > 1)
+    if x.shape[-1] == head_dim and aligned:
+        return x
+    return torch.nn.functional.pad(x, (0, head_dim - x.shape[-1])).contiguous()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # float32 must be computed at float32 accuracy: never let tl.dot fall back to TF32 silently.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"

@@ -80,7 +80,8 @@ def triton_attention_bwd(
 
 @triton_attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale, num_splits):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The kernels return fresh contiguous gradients whatever the inputs' strides.
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
