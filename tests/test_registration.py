@@ -36,7 +36,9 @@ def test_opcheck_backward(device):
     opcheck(torch.ops.perceiver_kernels.triton_attention_bwd.default, (grad_out, None, *args[2:]))
 
 
-@pytest.mark.skipif(not interpreter_enabled(), reason="Triton has no float64 dot on GPUs: float64 runs in the interpreter")
+@pytest.mark.skipif(
+    not interpreter_enabled(), reason="Triton has no float64 dot on GPUs; float64 runs in the CPU interpreter"
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck_float64(causal):
     """Finite differences through the Triton op, out and lse, in float64 (tiny shapes)."""
