@@ -13,7 +13,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi -L
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/env.log"
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest tests -q -n 16 -rs --durations=5 2>&1 | tee "$out/tests.log" | tail -40
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -n 16 -v -rfEs -p no:benchmark 2>&1 | tee "$out/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"
 timeout "${CHECK_TIMEOUT:-60}" python3 -m perceiver_kernels check --device cuda 2>&1 | tee "$out/check.log"
 echo "check exit: ${PIPESTATUS[0]}"

@@ -16,7 +16,18 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision, with_head_dim
+from .common import (
+    LOG2E,
+    _key_kept,
+    _kv_length,
+    _load_rows,
+    _scores,
+    _split_key_range,
+    _visible,
+    acc_dtype,
+    dot_precision,
+    with_head_dim,
+)
 
 
 @triton.jit
@@ -171,9 +182,7 @@ def _bwd_dkdv_kernel(
     offs_dk = dk_chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
     offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
-    kv_len = Nk
-    if HAS_KVLEN:
-        kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
+    kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
     causal_offset = kv_len - Nq
     n_mask = offs_n < kv_len
     keep = n_mask
@@ -284,19 +293,11 @@ def _bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < Nq
-    kv_len = Nk
-    if HAS_KVLEN:
-        kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
+    kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
     causal_offset = kv_len - Nq
-    lo = split * keys_per_split
-    key_end = tl.minimum(lo + keys_per_split, kv_len)
-    hi = key_end
-    full_end = key_end
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
-        full_end = tl.minimum(full_end, pid_m * BLOCK_M + causal_offset + 1)
-    full_end = tl.maximum(lo + ((full_end - lo) // BLOCK_N) * BLOCK_N, lo)
-    full_end = tl.minimum(full_end, hi)
+    lo, key_end, hi, full_end = _split_key_range(
+        pid_m, split, keys_per_split, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+    )
 
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK)
     do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, m_mask, stride_gm, tl.arange(0, BLOCK_DV), DV)

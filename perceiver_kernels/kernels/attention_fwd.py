@@ -13,7 +13,18 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, _key_kept, _load_rows, _scores, _visible, acc_dtype, dot_precision, with_head_dim
+from .common import (
+    LOG2E,
+    _key_kept,
+    _kv_length,
+    _load_rows,
+    _scores,
+    _split_key_range,
+    _visible,
+    acc_dtype,
+    dot_precision,
+    with_head_dim,
+)
 
 
 @triton.jit
@@ -94,20 +105,11 @@ def _fwd_kernel(
     offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
     m_mask = offs_m < Nq
 
-    kv_len = Nk
-    if HAS_KVLEN:
-        kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
+    kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
     causal_offset = kv_len - Nq
-    lo = split * keys_per_split
-    key_end = tl.minimum(lo + keys_per_split, kv_len)
-    hi = key_end
-    full_end = key_end  # keys before this are visible to every row of the block
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
-        full_end = tl.minimum(full_end, pid_m * BLOCK_M + causal_offset + 1)
-    # Whole key blocks from lo need no index mask; the rest (at most a few blocks) do.
-    full_end = tl.maximum(lo + ((full_end - lo) // BLOCK_N) * BLOCK_N, lo)
-    full_end = tl.minimum(full_end, hi)
+    lo, key_end, hi, full_end = _split_key_range(
+        pid_m, split, keys_per_split, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+    )
 
     if NUM_DK == 1:
         # Fast path: the whole q tile stays in registers for the key loop.

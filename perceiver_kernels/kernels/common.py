@@ -30,6 +30,36 @@ def _visible(
 
 
 @triton.jit
+def _kv_length(KvLen, b, Nk, HAS_KVLEN: tl.constexpr):
+    """Valid keys of sample ``b``: ``kv_lengths[b]`` clamped to ``[0, Nk]``, or ``Nk``."""
+    kv_len = Nk
+    if HAS_KVLEN:
+        kv_len = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Nk)
+    return kv_len
+
+
+@triton.jit
+def _split_key_range(
+    pid_m, split, keys_per_split, kv_len, causal_offset,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Key range of one (query block, key split) program: ``[lo, hi)`` holds every key some row
+    may see, ``key_end`` is where valid keys of this split end, and keys in ``[lo, full_end)`` (whole
+    blocks) are visible to every row of the block, so they need no index mask."""
+    lo = split * keys_per_split
+    key_end = tl.minimum(lo + keys_per_split, kv_len)
+    hi = key_end
+    full_end = key_end
+    if CAUSAL:
+        # Row i sees keys j <= i + causal_offset: the block's last row bounds hi, its first full_end.
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
+        full_end = tl.minimum(full_end, pid_m * BLOCK_M + causal_offset + 1)
+    full_end = tl.maximum(lo + ((full_end - lo) // BLOCK_N) * BLOCK_N, lo)
+    full_end = tl.minimum(full_end, hi)
+    return lo, key_end, hi, full_end
+
+
+@triton.jit
 def _key_kept(pad_row, offs_n, key_end, stride_pn):
     """1-D bool over keys: not padded (``key_padding_mask`` is False). Out-of-range keys count as padded."""
     is_pad = tl.load(pad_row + offs_n.to(tl.int64) * stride_pn, mask=offs_n < key_end, other=1)
