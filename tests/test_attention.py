@@ -176,3 +176,15 @@ def test_dq_modes(name, dq_mode, num_splits, dtype, device):
     results = check_case(case, dtype, device, fn)
     failed = {n: f"err {c.max_abs_error:.2e} > limit {c.limit:.2e}" for n, c in results.items() if not c.ok}
     assert not failed, f"{case.describe()} {dtype} {dq_mode}: {failed}"
+
+
+def test_mask_and_lengths_layouts(device):
+    """A transposed (non-contiguous) padding mask and int64 kv_lengths give the reference's result."""
+    q, k, v = (torch.randn(3, n, 2, 16, device=device) for n in (9, 40, 40))
+    mask = (torch.rand(40, 3, device=device) < 0.3).t()  # (B, Nk) view with strides (1, 3)
+    lengths = torch.tensor([40, 17, 0], device=device, dtype=torch.int64)
+    args = dict(causal=True, key_padding_mask=mask, kv_lengths=lengths, return_lse=True)
+    out, lse = pk.attention(q, k, v, backend="triton", **args)
+    ref_out, ref_lse = pk.attention(q, k, v, backend="reference", **args)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
