@@ -1,14 +1,13 @@
 """The command line: ``info`` and ``check`` run as a user would run them (a fresh process)."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 
-def run_cli(*args: str, env_interpret: str | None = None) -> subprocess.CompletedProcess:
-    import os
-
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the CLI must switch the interpreter on by itself
     return subprocess.run(
