@@ -60,26 +60,6 @@ def compare(actual: Tensor, reference: Tensor, naive: Tensor | None = None) -> C
     return Comparison(err, limit, err <= limit)
 
 
-def assert_close(name: str, actual: Tensor, reference: Tensor, naive: Tensor | None = None) -> None:
-    """``compare`` that raises an AssertionError locating the worst mismatch."""
-    result = compare(actual, reference, naive)
-    if result.ok:
-        return
-    act, ref = actual.detach().double(), reference.detach().double()
-    bad = ~torch.isfinite(act) & torch.isfinite(ref)
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        raise AssertionError(f"{name}: non-finite values at {where} (first 5)")
-    diff = (act - ref).abs().nan_to_num(nan=float("inf"))
-    idx = torch.unravel_index(diff.argmax(), diff.shape)
-    index = tuple(int(i) for i in idx)
-    raise AssertionError(
-        f"{name}: max abs error {result.max_abs_error:.3e} exceeds limit {result.limit:.3e} "
-        f"(ratio {result.ratio:.2f}); worst at {index}: got {act[index].item():.6g}, "
-        f"expected {ref[index].item():.6g}"
-    )
-
-
 @dataclass(frozen=True)
 class AttentionCase:
     """One attention problem for correctness checks. Random data is drawn by :func:`make_inputs`."""

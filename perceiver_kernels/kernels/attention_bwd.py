@@ -26,6 +26,7 @@ from .common import (
     _visible,
     acc_dtype,
     dot_precision,
+    mask_args,
     with_head_dim,
 )
 
@@ -372,9 +373,7 @@ def attention_backward(
     stats_dtype = lse.dtype
     broadcast_q = q.shape[0] == 1 and batch > 1
     q_batch_stride = 0 if broadcast_q else q.stride(0)
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty(0)
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    lengths = kv_lengths if kv_lengths is not None else q.new_empty(0)
+    pad, pad_stride_b, pad_stride_n, lengths = mask_args(q, key_padding_mask, kv_lengths)
     flags = dict(CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None)
 
     delta = torch.empty((batch, heads, num_queries), device=q.device, dtype=stats_dtype)
@@ -412,7 +411,7 @@ def attention_backward(
             *((0 if broadcast_q else dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2)) if atomic_dq else (0, 0, 0)),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            pad_strides[0], pad_strides[1],
+            pad_stride_b, pad_stride_n,
             heads, num_queries, num_keys, head_dim_qk, head_dim_v,
             scale * LOG2E, scale, num_n_blocks, num_z, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -433,13 +432,9 @@ def attention_backward(
 
     # Split dQ: parallel over query blocks and key splits, like the forward.
     num_m_blocks = triton.cdiv(num_queries, cfg.dq_block_m)
-    num_key_blocks = max(1, triton.cdiv(num_keys, cfg.dq_block_n))
-    if num_splits <= 0:
-        num_splits = configs.num_kv_splits(
-            batch * heads * num_m_blocks, num_key_blocks, q.device.index if is_cuda else None
-        )
-    blocks_per_split = triton.cdiv(num_key_blocks, num_splits)
-    num_splits = triton.cdiv(num_key_blocks, blocks_per_split)
+    num_splits, keys_per_split = configs.plan_kv_splits(
+        num_splits, batch * heads * num_m_blocks, num_keys, cfg.dq_block_n, q.device.index if is_cuda else None
+    )
     direct = num_splits == 1 and not broadcast_q  # write dq itself, no partial sums to reduce
     if direct:
         dq_part = torch.empty_like(q, memory_format=torch.contiguous_format).unsqueeze(0)
@@ -453,9 +448,9 @@ def attention_backward(
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         lse.stride(0), lse.stride(1),
         dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dq_part.stride(3),
-        pad_strides[0], pad_strides[1],
+        pad_stride_b, pad_stride_n,
         heads, num_queries, num_keys, head_dim_qk, head_dim_v,
-        scale * LOG2E, scale, blocks_per_split * cfg.dq_block_n, num_m_blocks, num_splits, **flags,
+        scale * LOG2E, scale, keys_per_split, num_m_blocks, num_splits, **flags,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_DK=qk_tiles.block, BLOCK_DV=v_tiles.block,
         DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc,
         num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages,

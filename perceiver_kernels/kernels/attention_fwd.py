@@ -23,6 +23,7 @@ from .common import (
     _visible,
     acc_dtype,
     dot_precision,
+    mask_args,
     with_head_dim,
 )
 
@@ -225,7 +226,7 @@ def attention_forward(
         q: ``(Bq, Nq, H, Dqk)``, ``Bq`` in ``{1, B}``; k: ``(B, Nk, H, Dqk)``; v: ``(B, Nk, H, Dv)``.
         key_padding_mask: bool ``(B, Nk)`` (True = padding) or None.
         kv_lengths: int ``(B,)`` or None.
-        num_splits: key-axis splits; 0 picks them from the SM count (see ``configs.num_kv_splits``).
+        num_splits: key-axis splits; 0 picks them from the SM count (see ``configs.plan_kv_splits``).
         config: tile shape override (benchmarks sweep it); default ``configs.forward_config``.
 
     Returns:
@@ -241,13 +242,13 @@ def attention_forward(
     qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
     v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
     num_m_blocks = triton.cdiv(num_queries, cfg.block_m)
-    num_key_blocks = max(1, triton.cdiv(num_keys, cfg.block_n))
-    if num_splits <= 0:
-        base_programs = batch * heads * num_m_blocks * v_tiles.num_chunks
-        num_splits = configs.num_kv_splits(base_programs, num_key_blocks, q.device.index if is_cuda else None)
-    blocks_per_split = triton.cdiv(num_key_blocks, num_splits)
-    num_splits = triton.cdiv(num_key_blocks, blocks_per_split)  # no empty trailing splits
-    keys_per_split = blocks_per_split * cfg.block_n
+    num_splits, keys_per_split = configs.plan_kv_splits(
+        num_splits,
+        batch * heads * num_m_blocks * v_tiles.num_chunks,
+        num_keys,
+        cfg.block_n,
+        q.device.index if is_cuda else None,
+    )
 
     out = torch.empty((batch, num_queries, heads, head_dim_v), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, num_queries), device=q.device, dtype=configs.stats_dtype(q.dtype))
@@ -257,9 +258,7 @@ def attention_forward(
         out_part = torch.empty((num_splits, *out.shape), device=q.device, dtype=lse.dtype)
         lse_part = torch.empty((num_splits, *lse.shape), device=q.device, dtype=lse.dtype)
 
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty(0)
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    lengths = kv_lengths if kv_lengths is not None else q.new_empty(0)
+    pad, pad_stride_b, pad_stride_n, lengths = mask_args(q, key_padding_mask, kv_lengths)
     q_batch_stride = 0 if q.shape[0] == 1 else q.stride(0)
     num_z = num_splits * v_tiles.num_chunks
     grid = (num_m_blocks * num_z * batch * heads,)
@@ -270,7 +269,7 @@ def attention_forward(
         v.stride(0), v.stride(1), v.stride(2),
         out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        pad_strides[0], pad_strides[1],
+        pad_stride_b, pad_stride_n,
         heads, num_queries, num_keys, head_dim_qk, head_dim_v,
         scale * LOG2E, keys_per_split, num_m_blocks, num_z,
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None,

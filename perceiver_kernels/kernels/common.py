@@ -121,6 +121,19 @@ def with_head_dim(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, head_dim - x.shape[-1])).contiguous()
 
 
+def mask_args(
+    like: torch.Tensor, key_padding_mask: torch.Tensor | None, kv_lengths: torch.Tensor | None
+) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    """Kernel arguments for the optional masks: ``(padding as uint8, its two strides, lengths)``,
+    with empty placeholders (never read: HAS_PAD / HAS_KVLEN are off) for what is absent."""
+    empty = like.new_empty(0)
+    if key_padding_mask is None:
+        pad, stride_b, stride_n = empty, 0, 0
+    else:
+        pad, (stride_b, stride_n) = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
+    return pad, stride_b, stride_n, kv_lengths if kv_lengths is not None else empty
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # float32 must be computed at float32 accuracy: never let tl.dot fall back to TF32 silently.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"

@@ -151,3 +151,18 @@ def num_kv_splits(
         return 1
     wanted = cdiv(2 * sms, base_programs)
     return max(1, min(wanted, num_key_blocks // min_blocks_per_split))
+
+
+def plan_kv_splits(
+    requested: int, base_programs: int, num_keys: int, block_n: int, device_index: int | None
+) -> tuple[int, int]:
+    """``(num_splits, keys_per_split)`` for a split-KV launch (the forward and the dQ pass).
+
+    ``requested`` > 0 forces the split count (tests), 0 asks ``num_kv_splits``. Splits own whole key
+    blocks, and splits that would own none are dropped.
+    """
+    num_key_blocks = max(1, cdiv(num_keys, block_n))
+    if requested <= 0:
+        requested = num_kv_splits(base_programs, num_key_blocks, device_index)
+    blocks_per_split = cdiv(num_key_blocks, requested)
+    return cdiv(num_key_blocks, blocks_per_split), blocks_per_split * block_n
