@@ -1,21 +1,43 @@
 #!/usr/bin/env bash
-# One-shot check on a lent GPU machine (no network; its own python3, torch and triton):
-# environment, the test suite on CUDA (bfloat16 included), `perceiver-kernels check`, and the core
-# benchmark (BENCH_ARGS, default: the three core shapes with a tile-config sweep).
+# One-shot check on a lent GPU machine (no network; its own python3 with torch and triton, which the
+# project's pins do not govern): install the package without dependencies, run the GPU test suite,
+# `perceiver-kernels check --device cuda` and `perceiver-kernels bench --suite perceiver`, writing
+# logs, bench.json, tables and plots into OUT_DIR. Every step has a timeout so that the whole run fits
+# in 8 minutes: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT (seconds), and the bench skips the shapes
+# left when BENCH_BUDGET is spent (they are recorded as skipped). BENCH_ARGS adds bench options.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR
 set -u
-out=${1:?usage: gpu_check.sh OUT_DIR}
-mkdir -p "$out"
+out=$(mkdir -p "${1:?usage: gpu_check.sh OUT_DIR}" && cd "$1" && pwd)
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+start=$SECONDS
+step() { echo "== $1 ($((SECONDS - start)) s in)"; }
+
+step environment
 {
   nvidia-smi -L
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+  python3 -c "import torch, triton; print('python', __import__('platform').python_version(), 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/env.log"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -n 16 -v -rfEs -p no:benchmark 2>&1 | tee "$out/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
+
+step install
+# No network: no build isolation, no dependencies. If the editable install is impossible, the
+# source tree on PYTHONPATH serves the same code.
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1; then
+  echo "pip install failed (see install.log); using PYTHONPATH"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+step tests
+timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests -n 16 -v -rfEs -p no:cacheprovider 2>&1 \
+  | tee "$out/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"
-timeout "${CHECK_TIMEOUT:-60}" python3 -m perceiver_kernels check --device cuda 2>&1 | tee "$out/check.log"
+
+step check
+timeout "${CHECK_TIMEOUT:-80}" python3 -m perceiver_kernels check --device cuda 2>&1 | tee "$out/check.log"
 echo "check exit: ${PIPESTATUS[0]}"
-timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_core.py --out "$out" ${BENCH_ARGS:---sweep} 2>&1 | tee "$out/bench.log"
+
+step bench
+timeout "${BENCH_TIMEOUT:-210}" python3 -m perceiver_kernels bench --suite perceiver --device cuda --out "$out" \
+  --time-budget "${BENCH_BUDGET:-170}" --no-progress ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
+step done

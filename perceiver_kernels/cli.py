@@ -1,17 +1,22 @@
-"""The ``perceiver-kernels`` command line: ``info`` and ``check``.
+"""The ``perceiver-kernels`` command line: ``info``, ``check`` and ``bench``.
 
 ``check`` runs every available backend against the float64 reference on a fixed list of cases that
 covers the op's features and prints one row per (case, backend, dtype). On a machine without a GPU it
 runs the Triton kernels through Triton's CPU interpreter on small shapes.
+
+``bench`` runs the benchmark suite of the source tree's ``benchmarks/`` folder (ours next to PyTorch
+SDPA, FlexAttention and naive attention on Perceiver-shaped problems); on CPU the ``quick`` suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -46,16 +51,32 @@ def _triton_fn(num_splits: int):
     return fn
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _restart_with_interpreter(args: argparse.Namespace) -> int | None:
+    """On CPU the Triton kernels run in Triton's interpreter, which must be switched on before
+    ``triton.language`` is imported; returns the exit code of a fresh process when one was needed."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton.language" not in sys.modules:
+        return None
+    # Triton fixed its mode when it was imported; only a fresh process can switch it.
+    return subprocess.call([sys.executable, "-m", "perceiver_kernels", args.command, *args.argv])
+
+
+def _device(args: argparse.Namespace) -> str | None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("check: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        print(f"{args.command}: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return None
+    return device
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    device = _device(args)
+    if device is None:
         return 2
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"
-        if "triton.language" in sys.modules:
-            # Triton fixed its mode when it was imported; only a fresh process can switch it.
-            return subprocess.call([sys.executable, "-m", "perceiver_kernels", "check", *args.argv])
+    if device == "cpu" and (code := _restart_with_interpreter(args)) is not None:
+        return code
     from . import functional
     from .testing import check_case
 
@@ -125,6 +146,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_suite():
+    """The suite lives in the source tree (``benchmarks/``, next to this package), not in the wheel."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "suite.py").is_file():
+        raise SystemExit(
+            "bench: the benchmark suite is the benchmarks/ folder of a source checkout, and this install "
+            f"has none next to {Path(__file__).parent}; clone the repository and `pip install -e .` it"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.suite")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    device = _device(args)
+    if device is None:
+        return 2
+    if device == "cpu" and (code := _restart_with_interpreter(args)) is not None:
+        return code
+    args.device = device
+    return _benchmark_suite().run_cli(args)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="perceiver-kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,9 +183,30 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", action="append", choices=("triton", "cuda"), help="repeatable; default: all available"
     )
     check.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), help="repeatable")
+    bench = sub.add_parser("bench", help="the benchmark suite: ours vs SDPA, FlexAttention and naive attention")
+    bench.add_argument("--suite", choices=("perceiver", "quick"), help="default: perceiver on a GPU, quick on CPU")
+    bench.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both")
+    bench.add_argument("--out", help="folder for bench.json, bench.txt, bench.md and the PNG plots")
+    bench.add_argument(
+        "--providers",
+        type=_names,
+        help="comma-separated: triton,cuda,sdpa-flash,sdpa-cudnn,sdpa-efficient,sdpa-math,flex,naive "
+        "(default: all; our backends when available)",
+    )
+    bench.add_argument("--shapes", type=_names, help="comma-separated subset of the suite's shapes")
+    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    bench.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), help="default: bfloat16 on a GPU, float32 on CPU"
+    )
+    bench.add_argument(
+        "--time-budget", type=float, metavar="SECONDS", help="skip the remaining shapes (recorded) once spent"
+    )
+    bench.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="default: a bar on a terminal"
+    )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else argv[1:])
-    handler = {"info": cmd_info, "check": cmd_check}[args.command]
+    handler = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command]
     return handler(args)
 
 

@@ -19,6 +19,11 @@ FP32_RTOL = 1e-4
 FP64_RTOL = 1e-10
 LOWP_ERROR_FACTOR = 2.0
 
+# The benchmark suite compares every provider's forward output with a float32 reference on shapes
+# far too large for the rule above (it needs a float64 run and a naive low-precision run). This
+# looser bound (max abs difference over max abs reference) flags a wrong result, not a rounding one.
+BENCH_AGREEMENT_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
 
 @dataclass(frozen=True)
 class Comparison:

@@ -1,5 +1,6 @@
 """The command line: ``info`` and ``check`` run as a user would run them (a fresh process)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,56 @@ def test_check_rejects_missing_gpu():
         pytest.skip("a GPU is present")
     result = run_cli("check", "--device", "cuda")
     assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="the CPU pipeline check is exercised on machines without a GPU"
+)
+def test_bench_quick_on_cpu_writes_tables_json_and_plots(tmp_path):
+    result = run_cli("bench", "--suite", "quick", "--device", "cpu", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "CPU numbers prove the pipeline only" in out
+    header = ["provider", "mode", "median ms", "p20-p80 ms", "TFLOP/s", "% mm", "GB/s", "peak MiB", "1st s", "speedup"]
+    assert sum(all(col in line for col in header) for line in out.splitlines()) == 3  # one table per shape
+    for shape in ("quick-cross", "quick-causal-padded", "quick-decode"):
+        assert f"== {shape}:" in out
+
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {"schema", "timestamp", "git", "versions", "device", "dtype", "suite", "shapes", "rows"} <= set(data)
+    assert data["device"]["type"] == "cpu" and data["device"]["matmul_tflops"] > 0
+    assert data["versions"]["torch"] and data["git"]["sha"] and data["dtype"] == "float32"
+    rows = {(r["shape"], r["provider"], r["mode"]): r for r in data["rows"]}
+    providers = {"triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex", "naive"}
+    assert {p for _, p, _ in rows} == providers
+    assert len(rows) == len(providers) * 5  # 3 shapes, the decode forward only
+    for (_, _, mode), r in rows.items():
+        assert r["status"] in ("ok", "n/a"), r
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["tflops"] > 0 and r["gbps"] > 0
+            assert mode == "fwd+bwd" or r["agrees"]
+        else:
+            assert r["reason"]
+    ours = rows[("quick-cross", "triton", "fwd")]
+    assert ours["status"] == "ok" and ours["max_rel_diff"] < 1e-4 and ours["speedup"] > 0
+    assert rows[("quick-cross", "sdpa-cudnn", "fwd")]["reason"] == "a CUDA-only backend"
+    assert rows[("quick-cross", "flex", "fwd")]["status"] == "ok"  # compiled, on CPU too
+    assert "backward on CPU" in rows[("quick-cross", "flex", "fwd+bwd")]["reason"]
+
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["shape-quick-causal-padded.png", "shape-quick-cross.png", "shape-quick-decode.png", "summary.png"]
+    assert all((tmp_path / name).stat().st_size > 1000 for name in pngs)
+    assert (tmp_path / "bench.md").read_text().count("| quick-") == 5
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--suite", "perceiver", "--device", "cpu"), "needs a GPU"),
+        (("--device", "cpu", "--providers", "triton,bogus"), "unknown --providers bogus"),
+        (("--device", "cpu", "--shapes", "io-encoder"), "not in the 'quick' suite"),
+    ],
+)
+def test_bench_rejects_bad_arguments(args, message):
+    result = run_cli("bench", *args)
+    assert result.returncode == 2 and message in result.stdout + result.stderr

@@ -1,0 +1,274 @@
+"""Run a benchmark suite: every provider on every shape, in one process on one device.
+
+Entry point of ``perceiver-kernels bench`` (``run_cli``). Each (shape, provider, mode) becomes one
+row of the results: its timing and derived rates, or ``n/a`` with the reason. Every forward output
+is also compared with the float32 reference, so a fast wrong answer is flagged, never reported as a
+win. The JSON is rewritten after every shape, so a run that is cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import perceiver_kernels as pk
+from perceiver_kernels.reference import attention_reference
+from perceiver_kernels.testing import BENCH_AGREEMENT_RTOL
+
+from . import report
+from .providers import PROVIDERS, Inputs, Unavailable, make_inputs
+from .shapes import SUITES, Shape
+from .timing import device_ceilings, measure, synchronize
+
+SCHEMA = 1
+SUITE_DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}  # the interpreter has no bfloat16 dot
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """Device, versions, git revision and time: everything a result must be read with."""
+    env = {
+        "schema": SCHEMA,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": _git_revision(),
+        "versions": {
+            "perceiver_kernels": pk.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        },
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device"] = {
+            "type": "cuda",
+            "name": props.name,
+            "sms": props.multi_processor_count,
+            "capability": f"{props.major}.{props.minor}",
+        }
+    else:
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        env["device"] = {"type": "cpu", "name": name, "triton_interpreter": interpret}
+    env["device"].update(device_ceilings(device, dtype))
+    return env
+
+
+def _git_revision() -> dict:
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha or "unknown", "dirty": bool(status)}
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def reference_output(shape: Shape, inputs: Inputs) -> Tensor:
+    """Float32 reference ``(B, H, Nq, Dv)``, one head at a time to bound the scores' memory."""
+    out = torch.empty(shape.batch, shape.heads, shape.nq, shape.dv, device=inputs.q.device, dtype=torch.float32)
+    for h in range(shape.heads):
+        q, k, v = (t[:, h : h + 1].transpose(1, 2).float() for t in (inputs.q, inputs.k, inputs.v))
+        ref = attention_reference(
+            q,
+            k,
+            v,
+            causal=shape.causal,
+            key_padding_mask=inputs.key_padding_mask,
+            kv_lengths=inputs.kv_lengths,
+        )
+        out[:, h] = ref[:, :, 0]
+    return out
+
+
+def relative_difference(out: Tensor, ref: Tensor) -> float:
+    """max |out - ref| / max |ref|; inf if ``out`` has NaN/inf or the wrong shape."""
+    if out.shape != ref.shape:
+        return float("inf")
+    diff = (out.float() - ref).abs().max().item()
+    return diff / max(ref.abs().max().item(), 1e-30) if diff == diff else float("inf")
+
+
+def run_suite(
+    shapes: list[Shape],
+    providers: list[str],
+    modes: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    suite: str,
+    out_dir: Path | None = None,
+    time_budget_s: float | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Measure ``providers`` on ``shapes``; returns (and writes to ``out_dir/bench.json``) the results."""
+    from tqdm import tqdm
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 anchors at float32 accuracy, like ours
+    results = environment(device, dtype)
+    results.update(suite=suite, modes=list(modes), providers={n: PROVIDERS[n].description for n in providers})
+    probe_tensor = probe(device)
+    results["backends_not_run"] = {
+        name: reason
+        for name, p in PROVIDERS.items()
+        if p.ours and name not in providers and (reason := pk.backend_unavailable_reason(name, probe_tensor))
+    }
+    results["shapes"], results["rows"] = [], []
+    started = time.perf_counter()
+    jobs = sum(len(providers) * len([m for m in s.modes if m in modes]) for s in shapes)
+    # progress None: a bar only on a terminal; True/False: always/never.
+    disable = {None: None, True: False, False: True}[progress]
+    bar = tqdm(total=jobs, unit="run", disable=disable, dynamic_ncols=True)
+    for shape in shapes:
+        shape_modes = [m for m in shape.modes if m in modes]
+        itemsize = dtype.itemsize
+        results["shapes"].append(
+            {
+                **shape.as_dict(),
+                "description": shape.describe(),
+                "flops": {m: shape.flops(m) for m in shape_modes},
+                "bytes": {m: shape.bytes(m, itemsize) for m in shape_modes},
+            }
+        )
+        if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+            for name in providers:
+                for mode in shape_modes:
+                    results["rows"].append(_row(shape, name, mode, status="skipped", reason="time budget spent"))
+            bar.update(len(providers) * len(shape_modes))
+            continue
+        bar.set_description(shape.name)
+        inputs = make_inputs(shape, dtype, device)
+        ref = reference_output(shape, inputs)
+        for name in providers:
+            for mode in shape_modes:
+                row = _measure_row(shape, name, mode, inputs, ref, results["device"])
+                results["rows"].append(row)
+                bar.update(1)
+                bar.write(report.row_line(row))
+        report.add_speedups(results)
+        if out_dir is not None:
+            write_json(results, out_dir)
+        del inputs, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    results["elapsed_s"] = time.perf_counter() - started
+    report.add_speedups(results)
+    if out_dir is not None:
+        write_json(results, out_dir)
+    return results
+
+
+def _row(shape: Shape, provider: str, mode: str, **fields) -> dict:
+    return {"shape": shape.name, "provider": provider, "ours": PROVIDERS[provider].ours, "mode": mode, **fields}
+
+
+def _measure_row(shape: Shape, name: str, mode: str, inputs: Inputs, ref: Tensor, ceilings: dict) -> dict:
+    provider = PROVIDERS[name]
+    device = inputs.q.device
+    try:
+        attn = provider.build(shape, inputs, mode)
+        timing, out = measure(attn, shape, inputs, mode)
+    except Unavailable as e:
+        return _row(shape, name, mode, status="n/a", reason=str(e))
+    except torch.OutOfMemoryError:
+        return _row(shape, name, mode, status="n/a", reason="out of device memory")
+    except Exception as e:  # noqa: BLE001 - whatever a provider raises is reported with the row
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        # Our own backends must never fail on a suite shape; that is an error, not "n/a".
+        return _row(shape, name, mode, status="error" if provider.ours else "n/a", reason=reason)
+    finally:
+        synchronize(device)
+    row = _row(
+        shape,
+        name,
+        mode,
+        status="ok",
+        ms=timing.median_ms,
+        p20_ms=timing.p20_ms,
+        p80_ms=timing.p80_ms,
+        first_call_s=timing.first_call_s,
+        peak_mib=None if timing.peak_bytes is None else timing.peak_bytes / 2**20,
+    )
+    flops, nbytes = shape.flops(mode), shape.bytes(mode, inputs.q.element_size())
+    row["tflops"] = flops / timing.median_ms / 1e9
+    row["matmul_pct"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
+    row["gbps"] = nbytes / timing.median_ms / 1e6
+    if out is not None:
+        diff = relative_difference(out, ref)
+        row["max_rel_diff"] = diff
+        row["agrees"] = diff <= BENCH_AGREEMENT_RTOL[inputs.q.dtype]
+        if not row["agrees"]:
+            row["status"] = "error" if provider.ours else "wrong"
+            row["reason"] = f"output differs from the reference: max rel diff {diff:.2e}"
+    return row
+
+
+def write_json(results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bench.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)  # a reader (or a kill) never sees half a file
+    return path
+
+
+def run_cli(args) -> int:
+    """``perceiver-kernels bench``; ``args`` as parsed by ``perceiver_kernels.cli``."""
+    device = torch.device(args.device)
+    suite = args.suite or ("perceiver" if device.type == "cuda" else "quick")
+    if device.type == "cpu" and suite != "quick":
+        print(f"bench: the {suite!r} suite needs a GPU; on CPU run --suite quick", file=sys.stderr)
+        return 2
+    shapes = list(SUITES[suite])
+    if args.shapes:
+        unknown = sorted(set(args.shapes) - {s.name for s in shapes})
+        if unknown:
+            names = ", ".join(s.name for s in shapes)
+            print(f"bench: --shapes {', '.join(unknown)} not in the {suite!r} suite ({names})", file=sys.stderr)
+            return 2
+        shapes = [s for s in shapes if s.name in args.shapes]
+    probe_tensor = probe(device)
+    runnable = [n for n, p in PROVIDERS.items() if not p.ours or not pk.backend_unavailable_reason(n, probe_tensor)]
+    providers = args.providers or runnable
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        print(f"bench: unknown --providers {', '.join(unknown)}; choose from {', '.join(PROVIDERS)}", file=sys.stderr)
+        return 2
+    modes = ["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode]
+    dtype = getattr(torch, args.dtype) if args.dtype else SUITE_DTYPES[device.type]
+    out_dir = Path(args.out) if args.out else None
+    results = run_suite(shapes, providers, modes, device, dtype, suite, out_dir, args.time_budget, args.progress)
+    print()
+    print(report.text_report(results))
+    if out_dir is not None:
+        written = report.write_outputs(results, out_dir)
+        print(f"\nwrote {', '.join(str(p) for p in written)}")
+    errors = [r for r in results["rows"] if r["status"] == "error"]
+    return 1 if errors else 0
+
+
+def probe(device: torch.device) -> Tensor:
+    return torch.empty(0, device=device)

@@ -1,0 +1,58 @@
+"""pytest-benchmark view of the suite: one test per (shape, mode, provider).
+
+On a GPU (``pytest benchmarks/ --benchmark-only``) the ``perceiver`` suite in bfloat16, each round
+synchronised; on CPU the ``quick`` suite in float32 for one round, a smoke test of the same pipeline
+that runs with the plain ``pytest``. Every forward output of our backends is checked against the
+reference here too, so a benchmark never times a wrong answer.
+"""
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from benchmarks.providers import PROVIDERS, Unavailable, make_inputs
+from benchmarks.shapes import PERCEIVER_SUITE, QUICK_SUITE
+from benchmarks.suite import SUITE_DTYPES, reference_output, relative_difference
+from benchmarks.timing import make_step, synchronize
+from perceiver_kernels.testing import BENCH_AGREEMENT_RTOL
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SUITE = PERCEIVER_SUITE if DEVICE.type == "cuda" else QUICK_SUITE
+DTYPE = SUITE_DTYPES[DEVICE.type]
+GPU_ROUNDS, GPU_WARMUP_ROUNDS = 20, 3
+
+CASES = [pytest.param(shape, mode, id=f"{shape.name}-{mode}") for shape in SUITE for mode in shape.modes]
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("shape,mode", CASES)
+def test_attention(benchmark, shape, mode, provider):
+    if DEVICE.type == "cpu" and provider == "flex":
+        pytest.skip("FlexAttention compiles per shape (~20 s each on a small CPU); `perceiver-kernels bench` runs it")
+    if PROVIDERS[provider].ours and (reason := pk.backend_unavailable_reason(provider, torch.empty(0, device=DEVICE))):
+        pytest.skip(f"{provider}: {reason}")
+    inputs = make_inputs(shape, DTYPE, DEVICE)
+    try:
+        attn = PROVIDERS[provider].build(shape, inputs, mode)
+    except Unavailable as e:
+        pytest.skip(f"{provider} cannot run {shape.name}: {e}")
+    step, grads = make_step(attn, shape, inputs, mode)
+
+    def zero_grads():
+        for t in grads:
+            t.grad = None
+
+    def run():
+        out = step()
+        synchronize(DEVICE)
+        return out
+
+    benchmark.group = f"{shape.name} {mode}"
+    benchmark.extra_info.update(flops=shape.flops(mode), bytes=shape.bytes(mode, DTYPE.itemsize), dtype=str(DTYPE))
+    if DEVICE.type == "cuda":
+        out = benchmark.pedantic(run, setup=zero_grads, rounds=GPU_ROUNDS, warmup_rounds=GPU_WARMUP_ROUNDS)
+    else:
+        out = benchmark.pedantic(run, setup=zero_grads, rounds=1)
+    if mode == "fwd" and PROVIDERS[provider].ours:
+        diff = relative_difference(out, reference_output(shape, inputs))
+        assert diff <= BENCH_AGREEMENT_RTOL[DTYPE], f"{provider} differs from the reference: {diff:.2e}"

@@ -1,0 +1,125 @@
+"""Timing, peak memory and the device's own ceilings (matmul rate, copy bandwidth).
+
+GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between repetitions, gradients set to None
+so that accumulation is not timed), median with the 20th and 80th percentiles. CPU: wall clock
+around each call; those numbers only prove the pipeline and are never compared with GPU ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .providers import AttentionFn, Inputs
+from .shapes import Shape
+
+QUANTILES = (0.5, 0.2, 0.8)
+GPU_WARMUP_MS, GPU_REP_MS = 20, 80
+CPU_MIN_REPS, CPU_MAX_REPS, CPU_BUDGET_S = 3, 20, 0.5
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    first_call_s: float  # includes JIT/compile (Triton, torch.compile) and cuDNN plan building
+    peak_bytes: int | None  # device memory allocated at the peak of one call, beyond the inputs
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(attn: AttentionFn, shape: Shape, inputs: Inputs, mode: str) -> tuple[Callable, list[Tensor]]:
+    """The callable that one timing repetition runs, and the tensors whose gradients it fills.
+
+    fwd: ``attn`` under ``no_grad``, returning the output. fwd+bwd: ``attn`` then ``backward`` with a
+    fixed random output gradient (the callers set the gradients to None between repetitions).
+    """
+    if mode == "fwd":
+        q, k, v = inputs.q, inputs.k, inputs.v
+
+        def forward():
+            with torch.no_grad():
+                return attn(q, k, v)
+
+        return forward, []
+    q, k, v = (t.detach().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+    dout = torch.randn(shape.batch, shape.heads, shape.nq, shape.dv, device=q.device, dtype=q.dtype)
+
+    def forward_backward():
+        attn(q, k, v).backward(dout)
+
+    return forward_backward, [q, k, v]
+
+
+def measure(attn: AttentionFn, shape: Shape, inputs: Inputs, mode: str) -> tuple[Timing, Tensor | None]:
+    """Time ``attn`` on ``inputs`` for ``mode``; also return the forward output (fwd mode only)."""
+    device = inputs.q.device
+    step, grads = make_step(attn, shape, inputs, mode)
+    start = time.perf_counter()
+    out = step()
+    synchronize(device)
+    first_call_s = time.perf_counter() - start
+    peak = _peak_bytes(step, grads, device)
+    median, p20, p80 = _quantiles(step, grads, device)
+    return Timing(median, p20, p80, first_call_s, peak), out
+
+
+def _zero(grads: list[Tensor]) -> None:
+    for t in grads:
+        t.grad = None
+
+
+def _peak_bytes(step: Callable, grads: list[Tensor], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    _zero(grads)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tuple[float, float, float]:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        ms = do_bench(step, warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, grad_to_none=grads, quantiles=list(QUANTILES))
+        return tuple(float(x) for x in ms)
+    samples = []
+    deadline = time.perf_counter() + CPU_BUDGET_S
+    while len(samples) < CPU_MIN_REPS or (len(samples) < CPU_MAX_REPS and time.perf_counter() < deadline):
+        _zero(grads)
+        start = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - start) * 1e3)
+    values = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return tuple(float(x) for x in values)
+
+
+def device_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """The device's measured matmul rate in ``dtype`` (TFLOP/s) and copy bandwidth (GB/s, read + write)."""
+    n, copy_bytes = (8192, 2**30) if device.type == "cuda" else (512, 2**26)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        for _ in range(20):  # bring the clocks up before anything is timed
+            a @ b
+    matmul_ms = _quantiles(lambda: a @ b, [], device)[0]
+    copy_ms = _quantiles(lambda: dst.copy_(src), [], device)[0]
+    return {
+        "matmul_dtype": str(dtype).removeprefix("torch."),
+        "matmul_tflops": 2 * n**3 / matmul_ms / 1e9,
+        "copy_gbps": 2 * copy_bytes / copy_ms / 1e6,
+    }
