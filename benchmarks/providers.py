@@ -91,8 +91,10 @@ def _require_memory(shape: Shape, inputs: Inputs, mode: str, bytes_per_score: in
     """Refuse a materialising provider whose score buffers would not fit in the free device memory."""
     if inputs.q.device.type != "cuda":
         return
+    device = inputs.q.device
     need = SCORE_BUFFERS[mode] * bytes_per_score * shape.batch * shape.heads * shape.nq * shape.nk
-    free, _ = torch.cuda.mem_get_info(inputs.q.device)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch
     if need > MEMORY_HEADROOM * free:
         raise Unavailable(f"materialises ~{need / 2**30:.0f} GiB of scores, {free / 2**30:.0f} GiB free")
 
@@ -130,8 +132,12 @@ def sdpa(backend_name: str) -> Callable[[Shape, Inputs, str], AttentionFn]:
             raise Unavailable("a CUDA-only backend")
         if backend == SDPBackend.MATH:  # computes in float32 for 16-bit inputs
             _require_memory(shape, inputs, mode, bytes_per_score=4)
-        if shape.causal and inputs.key_padding_mask is None and inputs.kv_lengths is None:
-            mask = causal_lower_right(shape.nq, shape.nk)  # SDPA's is_causal is top-left aligned
+        fused_causal = backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+        if shape.causal and inputs.key_padding_mask is None and inputs.kv_lengths is None and fused_causal:
+            # SDPA's is_causal is top-left aligned; causal_lower_right reaches these two backends'
+            # own bottom-right masks. For the others it would build a dense mask on every call,
+            # so they get that mask built once, here, as a user would.
+            mask = causal_lower_right(shape.nq, shape.nk)
         else:
             mask = visible_mask(shape, inputs)
 
@@ -153,6 +159,8 @@ def sdpa(backend_name: str) -> Callable[[Shape, Inputs, str], AttentionFn]:
 
 def _sdpa_refusal(error: RuntimeError, caught: list) -> str:
     """SDPA explains a refusal in warnings ("... not used because:", then one warning per reason)."""
+    if not any(text in str(error) for text in ("No available kernel", "No viable backend")):
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"  # not a refusal
     messages = [re.sub(r"\s*\(Triggered internally at .*\)\s*$", "", str(w.message).strip()) for w in caught]
     reasons = [m for m in messages if m and not m.endswith("because:")]
     return "; ".join(dict.fromkeys(reasons)) or str(error).splitlines()[0]

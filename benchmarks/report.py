@@ -79,6 +79,8 @@ def text_report(results: dict) -> str:
             f"device ceilings (measured): {device['matmul_dtype']} matmul {device['matmul_tflops']:.1f} TFLOP/s, "
             f"copy {device['copy_gbps']:.0f} GB/s; % mm = share of that matmul rate"
         )
+    if "stopped" in results:
+        lines.append(f"STOPPED EARLY ({results['stopped']}): the shapes and rows below are all that was measured")
     for name, reason in results.get("backends_not_run", {}).items():
         lines.append(f"not run: {name} ({reason})")
     lines.append("speedup = best other provider's median / this row's median (> 1: faster than all others)")

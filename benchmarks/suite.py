@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -141,44 +142,64 @@ def run_suite(
     # progress None: a bar only on a terminal; True/False: always/never.
     disable = {None: None, True: False, False: True}[progress]
     bar = tqdm(total=jobs, unit="run", disable=disable, dynamic_ncols=True)
-    for shape in shapes:
-        shape_modes = [m for m in shape.modes if m in modes]
-        itemsize = dtype.itemsize
-        results["shapes"].append(
-            {
-                **shape.as_dict(),
-                "description": shape.describe(),
-                "flops": {m: shape.flops(m) for m in shape_modes},
-                "bytes": {m: shape.bytes(m, itemsize) for m in shape_modes},
-            }
-        )
-        if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
-            for name in providers:
-                for mode in shape_modes:
-                    results["rows"].append(_row(shape, name, mode, status="skipped", reason="time budget spent"))
-            bar.update(len(providers) * len(shape_modes))
-            continue
-        bar.set_description(shape.name)
-        inputs = make_inputs(shape, dtype, device)
-        ref = reference_output(shape, inputs)
-        for name in providers:
-            for mode in shape_modes:
-                row = _measure_row(shape, name, mode, inputs, ref, results["device"])
-                results["rows"].append(row)
-                bar.update(1)
-                bar.write(report.row_line(row))
+    try:
+        for shape in shapes:
+            _run_shape(shape, providers, modes, device, dtype, results, bar, started, time_budget_s)
+            if out_dir is not None:
+                write_json(results, out_dir)
+    except (Stopped, KeyboardInterrupt) as e:
+        if isinstance(e, DeviceFailure):
+            results["rows"].append(e.row)
+        # Keep what was measured: the caller still writes the JSON, the tables and the plots.
+        results["stopped"] = str(e) or type(e).__name__
+        bar.write(f"stopped: {results['stopped']}")
+    finally:
+        bar.close()
+        results["elapsed_s"] = time.perf_counter() - started
         report.add_speedups(results)
         if out_dir is not None:
             write_json(results, out_dir)
-        del inputs, ref
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
-    results["elapsed_s"] = time.perf_counter() - started
-    report.add_speedups(results)
-    if out_dir is not None:
-        write_json(results, out_dir)
     return results
+
+
+class Stopped(BaseException):
+    """Ends a run early (a termination signal, or a device that can no longer run anything); a
+    BaseException so that the per-row ``except Exception`` does not swallow it."""
+
+
+def _run_shape(shape, providers, modes, device, dtype, results, bar, started, time_budget_s) -> None:
+    shape_modes = [m for m in shape.modes if m in modes]
+    results["shapes"].append(
+        {
+            **shape.as_dict(),
+            "description": shape.describe(),
+            "flops": {m: shape.flops(m) for m in shape_modes},
+            "bytes": {m: shape.bytes(m, dtype.itemsize) for m in shape_modes},
+        }
+    )
+
+    def spent() -> bool:
+        return time_budget_s is not None and time.perf_counter() - started > time_budget_s
+
+    bar.set_description(shape.name)
+    inputs = ref = None
+    for name in providers:
+        for mode in shape_modes:
+            if spent():  # checked per row: one slow provider cannot overrun the budget by a shape
+                row = _row(shape, name, mode, status="skipped", reason="time budget spent")
+            else:
+                if inputs is None:
+                    inputs = make_inputs(shape, dtype, device)
+                    ref = reference_output(shape, inputs)
+                row = _measure_row(shape, name, mode, inputs, ref, results["device"])
+            results["rows"].append(row)
+            bar.update(1)
+            if row["status"] != "skipped":
+                bar.write(report.row_line(row))
+    report.add_speedups(results)
+    del inputs, ref
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _row(shape: Shape, provider: str, mode: str, **fields) -> dict:
@@ -194,13 +215,19 @@ def _measure_row(shape: Shape, name: str, mode: str, inputs: Inputs, ref: Tensor
     except Unavailable as e:
         return _row(shape, name, mode, status="n/a", reason=str(e))
     except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return _row(shape, name, mode, status="n/a", reason="out of device memory")
     except Exception as e:  # noqa: BLE001 - whatever a provider raises is reported with the row
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
         # Our own backends must never fail on a suite shape; that is an error, not "n/a".
-        return _row(shape, name, mode, status="error" if provider.ours else "n/a", reason=reason)
-    finally:
-        synchronize(device)
+        row = _row(shape, name, mode, status="error" if provider.ours else "n/a", reason=reason)
+        try:
+            synchronize(device)
+        except RuntimeError as fatal:  # a sticky CUDA error: nothing after this can run
+            raise DeviceFailure(row, fatal) from e
+        return row
     row = _row(
         shape,
         name,
@@ -224,6 +251,12 @@ def _measure_row(shape: Shape, name: str, mode: str, inputs: Inputs, ref: Tensor
             row["status"] = "error" if provider.ours else "wrong"
             row["reason"] = f"output differs from the reference: max rel diff {diff:.2e}"
     return row
+
+
+class DeviceFailure(Stopped):
+    def __init__(self, row: dict, error: Exception):
+        super().__init__(f"the device failed during {row['shape']} / {row['provider']} / {row['mode']}: {error}")
+        self.row = row
 
 
 def write_json(results: dict, out_dir: Path) -> Path:
@@ -260,6 +293,7 @@ def run_cli(args) -> int:
     modes = ["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode]
     dtype = getattr(torch, args.dtype) if args.dtype else SUITE_DTYPES[device.type]
     out_dir = Path(args.out) if args.out else None
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # `timeout` sends it: stop, but report what was measured
     results = run_suite(shapes, providers, modes, device, dtype, suite, out_dir, args.time_budget, args.progress)
     print()
     print(report.text_report(results))
@@ -267,7 +301,11 @@ def run_cli(args) -> int:
         written = report.write_outputs(results, out_dir)
         print(f"\nwrote {', '.join(str(p) for p in written)}")
     errors = [r for r in results["rows"] if r["status"] == "error"]
-    return 1 if errors else 0
+    return 1 if errors or "stopped" in results else 0
+
+
+def _stop_on_signal(signum, frame) -> None:
+    raise Stopped(f"signal {signal.Signals(signum).name}")
 
 
 def probe(device: torch.device) -> Tensor:

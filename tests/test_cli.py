@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -98,3 +99,27 @@ def test_bench_quick_on_cpu_writes_tables_json_and_plots(tmp_path):
 def test_bench_rejects_bad_arguments(args, message):
     result = run_cli("bench", *args)
     assert result.returncode == 2 and message in result.stdout + result.stderr
+
+
+def test_bench_time_budget_records_skipped_rows(tmp_path):
+    result = run_cli("bench", "--device", "cpu", "--time-budget", "0", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert rows and all(r["status"] == "skipped" and r["reason"] == "time budget spent" for r in rows)
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_bench_stopped_by_a_signal_still_reports(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    args = [sys.executable, "-m", "perceiver_kernels", "bench", "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:  # wait for the first measured row, then stop the run as `timeout` would
+        if line.startswith("quick-cross"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = line + proc.stdout.read()
+    assert proc.wait(timeout=300) == 1, output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["stopped"] == "signal SIGTERM" and data["rows"]
+    assert "STOPPED EARLY" in output and (tmp_path / "bench.txt").exists()
