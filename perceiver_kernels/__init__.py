@@ -1,6 +1,7 @@
 """Fused attention kernels for the Perceiver family (Perceiver, Perceiver IO, Perceiver AR)."""
 
-from .functional import BACKENDS, attention, backend_unavailable_reason, resolve_backend
+from .functional import BACKENDS, apply_rotary, attention, backend_unavailable_reason, resolve_backend
+from .kv_cache import append_to_cache
 from .reference import attention_reference
 
 __version__ = "0.1.0"
@@ -8,6 +9,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "__version__",
+    "append_to_cache",
+    "apply_rotary",
     "attention",
     "attention_reference",
     "backend_unavailable_reason",

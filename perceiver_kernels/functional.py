@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from .kernels.configs import interpreter_enabled
+from .ops.rotary import rotary
 from .ops.triton_attention import triton_attention
 from .reference import attention_reference
+from .rotary import default_positions, rotary_tables, rotate
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -26,6 +28,13 @@ def attention(
     scale: float | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    *,
+    rotary_dim: int = 0,
+    q_positions: Tensor | None = None,
+    k_positions: Tensor | None = None,
+    rotary_base: float = 10000.0,
+    rotary_interleaved: bool = True,
+    kv_index: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused multi-head attention with Perceiver semantics.
 
@@ -43,6 +52,19 @@ def attention(
         backend: ``"auto"`` (fastest correct backend for the inputs' device), ``"triton"``,
             ``"reference"``; ``"cuda"`` is reserved for the CUDA C++ backend.
         return_lse: also return the log-sum-exp of the scaled scores.
+        rotary_dim: rotate the first ``rotary_dim`` channels (even, ``<= Dqk``) of every q and k head
+            by their positions (rotary embeddings, applied in float32 as tiles are loaded; nothing
+            rotated is written to memory). 0: no rotary.
+        q_positions, k_positions: int ``(B, Nq)`` / ``(B, Nk)`` (or batch 1, shared). Default: key
+            ``j`` at ``j``; query ``i`` at ``L - Nq + i``, the queries being the last ``Nq`` positions
+            (``L = kv_lengths[b]`` when given without ``kv_index``, else ``Nk``).
+        rotary_base: frequency base; pair ``i`` at position ``p`` turns by ``p * base**(-2i/rotary_dim)``.
+        rotary_interleaved: pairs ``(2i, 2i+1)`` (perceiver-io, GPT-J); False: ``(i, i + rotary_dim/2)``
+            (GPT-NeoX).
+        kv_index: int64 ``(B, Nk')``: attend only to key rows ``kv_index[b]`` (sorted, unique) of k/v,
+            e.g. Perceiver AR's prefix dropout. The gathered K/V are never materialised; a kept key
+            keeps its position and padding flag, ``causal`` and ``kv_lengths`` refer to the gathered
+            axis of length ``Nk'``, and rows not gathered get zero gradients.
 
     Tensors may have any strides as long as the last dim is contiguous. dtypes: float16, bfloat16,
     float32 (computed at float32 accuracy, no TF32); float64 is accepted for verification. Softmax
@@ -53,6 +75,7 @@ def attention(
         (natural log). A query row that sees no key gets zeros, ``lse = -inf`` and zero gradients.
     """
     _validate(q, k, v, causal, key_padding_mask, kv_lengths, scale, return_lse)
+    _validate_perceiver_ar(q, k, rotary_dim, q_positions, k_positions, rotary_base, rotary_interleaved, kv_index)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     chosen = resolve_backend(backend, q)
@@ -66,8 +89,21 @@ def attention(
             kv_lengths=kv_lengths,
             scale=scale,
             return_lse=True,
+            rotary_dim=rotary_dim,
+            q_positions=q_positions,
+            k_positions=k_positions,
+            rotary_base=rotary_base,
+            rotary_interleaved=rotary_interleaved,
+            kv_index=kv_index,
         )
     else:
+        q_rope = k_rope = None
+        if rotary_dim:
+            q_rope, k_rope = _rope_tables(q, k, kv_lengths, kv_index, rotary_dim, q_positions, k_positions, rotary_base)
+            if q.shape[0] == 1 and q_rope.shape[1] > 1:
+                # Per-sample query positions turn a broadcast query differently per sample: expand
+                # (a view) so that each sample's dQ is rotated back before autograd sums them.
+                q = q.expand(k.shape[0], -1, -1, -1)
         out, lse = triton_attention(
             q,
             k,
@@ -76,8 +112,68 @@ def attention(
             key_padding_mask=key_padding_mask,
             kv_lengths=kv_lengths,
             scale=scale,
+            kv_index=kv_index,
+            q_rope=q_rope,
+            k_rope=k_rope,
+            rotary_dim=rotary_dim,
+            rotary_interleaved=rotary_interleaved,
         )
     return (out, lse) if return_lse else out
+
+
+def _rope_tables(q, k, kv_lengths, kv_index, rotary_dim, q_positions, k_positions, base) -> tuple[Tensor, Tensor]:
+    """``(2, 1 or B, N, rotary_dim / 2)`` float32 cos/sin tables for the queries and the (original) keys."""
+    default_q, default_k = default_positions(
+        k.shape[0], q.shape[1], k.shape[1], kv_lengths if kv_index is None else None, q.device
+    )
+    tables = []
+    for positions in (
+        default_q if q_positions is None else q_positions,
+        default_k if k_positions is None else k_positions,
+    ):
+        cos, sin = rotary_tables(positions, rotary_dim, base)
+        tables.append(torch.stack((cos, sin)))
+    return tables[0], tables[1]
+
+
+def apply_rotary(
+    x: Tensor,
+    positions: Tensor,
+    rotary_dim: int,
+    base: float = 10000.0,
+    interleaved: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Rotary position embedding of the first ``rotary_dim`` channels of every head of ``x``.
+
+    The same math as ``attention(..., rotary_dim=...)`` applies on the fly, for callers that keep
+    a KV cache of already-rotated keys. Differentiable (the gradient is the inverse rotation).
+
+    Args:
+        x: ``(B, N, H, D)``, last dim contiguous; float16, bfloat16, float32 (float64 for checks).
+        positions: int ``(B, N)`` or ``(1, N)``: the position of every row.
+        rotary_dim: even, ``<= D``; the other channels pass through.
+        base: frequency base; pair ``i`` at position ``p`` turns by ``p * base**(-2i/rotary_dim)``.
+        interleaved: pairs ``(2i, 2i+1)`` (perceiver-io, GPT-J); False: ``(i, i + rotary_dim/2)``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (plain PyTorch).
+
+    Returns:
+        A new ``(B, N, H, D)`` tensor in ``x``'s dtype (the angles and the rotation are float32).
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-dim (B, N, H, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; expected float16, bfloat16 or float32")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"x must have a contiguous last dim (stride 1), got strides {x.stride()}")
+    _validate_rotary(rotary_dim, base, interleaved, x.shape[-1], "D")
+    _validate_positions("positions", positions, x.shape[0], x.shape[1], x.device)
+    if rotary_dim == 0 or x.numel() == 0:
+        return x.clone()
+    cos, sin = rotary_tables(positions, rotary_dim, base)
+    if resolve_backend(backend, x) == "reference":
+        return rotate(x, cos, sin, rotary_dim, interleaved)
+    return rotary(x, torch.stack((cos, sin)), rotary_dim, interleaved, False)
 
 
 def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | None:
@@ -178,3 +274,55 @@ def _validate(q, k, v, causal, key_padding_mask, kv_lengths, scale, return_lse) 
         if not torch.compiler.is_compiling() and batch > 0:
             if bool(((kv_lengths < 0) | (kv_lengths > num_keys)).any()):
                 raise ValueError(f"kv_lengths values must lie in [0, Nk={num_keys}], got {kv_lengths.tolist()}")
+
+
+def _validate_rotary(rotary_dim, base, interleaved, head_dim: int, head_dim_name: str) -> None:
+    if not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool):
+        raise TypeError(f"rotary_dim must be an int, got {type(rotary_dim).__name__}")
+    if rotary_dim < 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and in [0, {head_dim_name}={head_dim}], got {rotary_dim}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {type(interleaved).__name__}")
+    if not isinstance(base, numbers.Real) or isinstance(base, bool):
+        raise TypeError(f"rotary_base must be a float, got {type(base).__name__}")
+    if not 0 < float(base) < float("inf"):
+        raise ValueError(f"rotary_base must be positive and finite, got {base}")
+
+
+def _validate_positions(name: str, positions, batch: int, length: int, device: torch.device) -> None:
+    if not isinstance(positions, Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {getattr(positions, 'dtype', positions)}")
+    if positions.dim() != 2 or positions.shape[0] not in (1, batch) or positions.shape[1] != length:
+        raise ValueError(
+            f"{name} must have shape (B, N) = ({batch}, {length}) or (1, {length}), got {tuple(positions.shape)}"
+        )
+    if positions.device != device:
+        raise ValueError(f"{name} is on {positions.device} but the data is on {device}")
+
+
+def _validate_perceiver_ar(q, k, rotary_dim, q_positions, k_positions, rotary_base, rotary_interleaved, kv_index):
+    batch, num_keys, _, head_dim_qk = k.shape
+    _validate_rotary(rotary_dim, rotary_base, rotary_interleaved, head_dim_qk, "Dqk")
+    for name, positions, length in (("q_positions", q_positions, q.shape[1]), ("k_positions", k_positions, num_keys)):
+        if positions is None:
+            continue
+        if not rotary_dim:
+            raise ValueError(f"{name} is given but rotary_dim is 0; positions only matter with rotary embeddings")
+        _validate_positions(name, positions, batch, length, q.device)
+    if kv_index is None:
+        return
+    if not isinstance(kv_index, Tensor) or kv_index.dtype != torch.int64:
+        raise TypeError("kv_index must be an int64 tensor")
+    if kv_index.dim() != 2 or kv_index.shape[0] != batch:
+        raise ValueError(f"kv_index must have shape (B, Nk') = ({batch}, Nk'), got {tuple(kv_index.shape)}")
+    if kv_index.device != q.device:
+        raise ValueError(f"kv_index is on {kv_index.device} but q is on {q.device}")
+    if kv_index.numel() and not torch.compiler.is_compiling():
+        # Reads the values (a device synchronisation on CUDA); the kernels clamp rows in any case.
+        if bool(((kv_index < 0) | (kv_index >= num_keys)).any()):
+            raise ValueError(
+                f"kv_index values must lie in [0, Nk={num_keys}), got min {int(kv_index.min())}, "
+                f"max {int(kv_index.max())}"
+            )
+        if kv_index.shape[1] > 1 and not bool((kv_index[:, 1:] > kv_index[:, :-1]).all()):
+            raise ValueError("kv_index rows must be sorted and unique (strictly increasing per sample)")

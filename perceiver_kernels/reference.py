@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rotary import default_positions, rotary_tables, rotate
+
 
 def visible_keys(
     batch: int,
@@ -55,6 +57,12 @@ def attention_reference(
     scale: float | None = None,
     return_lse: bool = False,
     compute_dtype: torch.dtype | None = None,
+    rotary_dim: int = 0,
+    q_positions: Tensor | None = None,
+    k_positions: Tensor | None = None,
+    rotary_base: float = 10000.0,
+    rotary_interleaved: bool = True,
+    kv_index: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Perceiver attention computed with plain PyTorch ops (differentiable).
 
@@ -69,6 +77,14 @@ def attention_reference(
         return_lse: also return the float32 ``(B, H, Nq)`` log-sum-exp (natural log).
         compute_dtype: dtype of the arithmetic. Default float32 (float64 for float64 inputs). Tests
             pass the input dtype to measure what a naive low-precision computation gets wrong.
+        rotary_dim: rotate the first ``rotary_dim`` channels of every q and k head (0: no rotary);
+            see :mod:`perceiver_kernels.rotary` for the angles and the two pair layouts.
+        q_positions, k_positions: int ``(B or 1, Nq)`` / ``(B or 1, Nk)``; default
+            :func:`perceiver_kernels.rotary.default_positions`.
+        rotary_base, rotary_interleaved: the frequency base and the pair layout.
+        kv_index: int64 ``(B, Nk')``: attend only to these key rows of each sample (sorted, unique).
+            Keys keep their own positions and padding flags; ``causal`` and ``kv_lengths`` then refer
+            to the gathered axis of length ``Nk'``.
 
     Returns:
         ``(B, Nq, H, Dv)`` in q's dtype, and the lse when ``return_lse``.
@@ -79,6 +95,24 @@ def attention_reference(
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if scale is None:
         scale = head_dim_qk**-0.5
+    if rotary_dim:
+        default_q, default_k = default_positions(
+            batch, num_queries, num_keys, kv_lengths if kv_index is None else None, q.device
+        )
+        q_cos, q_sin = rotary_tables(default_q if q_positions is None else q_positions, rotary_dim, rotary_base)
+        k_cos, k_sin = rotary_tables(default_k if k_positions is None else k_positions, rotary_dim, rotary_base)
+        q = rotate(q, q_cos, q_sin, rotary_dim, rotary_interleaved)
+        k = rotate(k, k_cos, k_sin, rotary_dim, rotary_interleaved)
+    if kv_index is not None:
+        rows = kv_index.to(device=k.device, dtype=torch.long)
+
+        def gather(t: Tensor) -> Tensor:
+            return t.gather(1, rows[:, :, None, None].expand(-1, -1, *t.shape[2:]))
+
+        k, v = gather(k), gather(v)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.gather(1, rows.to(key_padding_mask.device))
+        num_keys = rows.shape[1]
 
     qc = q.to(compute_dtype).expand(batch, -1, -1, -1)
     scores = torch.einsum("bqhd,bkhd->bhqk", qc, k.to(compute_dtype)) * scale  # (B, H, Nq, Nk)

@@ -18,15 +18,19 @@ import triton.language as tl
 from . import configs
 from .common import (
     LOG2E,
+    Rope,
     _key_kept,
+    _key_rows,
     _kv_length,
     _load_rows,
+    _load_tile,
     _scores,
     _split_key_range,
     _visible,
     acc_dtype,
     dot_precision,
     mask_args,
+    rope_args,
     with_head_dim,
 )
 
@@ -68,31 +72,42 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_query_loop(
-    dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row,
-    offs_n, n_mask, offs_dk, offs_dv, start, end, kv_len, causal_offset, qk_scale, sm_scale,
-    stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, Nq, DQK, DV,
+    dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row, q_rope, k_rope,
+    offs_n, rows, n_mask, offs_dk, offs_dv, start, end, kv_len, causal_offset, qk_scale, sm_scale,
+    stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, stride_qrs, stride_qrn, stride_krs, stride_krn,
+    Nq, DQK, DV, ROT_DIM,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK/dV of one key block over query blocks ``[start, end)``. Everything is computed
-    transposed (keys along rows) so dK and dV accumulate without transposing the big tiles."""
+    """Accumulate dK/dV of one key block (gathered indices ``offs_n``, memory rows ``rows``) over
+    query blocks ``[start, end)``. Everything is computed transposed (keys along rows) so dK and dV
+    accumulate without transposing the big tiles. With rotary, q and k are rotated as they are
+    loaded and dK/dQ come out in the rotated frame (the launcher turns them back)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < Nq
         # S^T = K Q^T: one q tile serves the scores and dK on the fast path.
         if NUM_DK == 1:
-            q = _load_rows(q_base, offs_m, m_mask, stride_qm, offs_dk, DQK)
+            q = _load_tile(
+                q_base, offs_m, m_mask, stride_qm, offs_dk, DQK, q_rope, stride_qrs, stride_qrn, ROT_DIM,
+                ROTARY, INTERLEAVED, ACC_DTYPE,
+            )  # fmt: skip
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         else:
             s_t = _scores(
-                k, k_base, q_base, offs_n, offs_m, n_mask, m_mask, stride_kn, stride_qm, DQK,
-                BLOCK_N, BLOCK_M, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+                k, k_base, q_base, rows, offs_m, n_mask, m_mask, stride_kn, stride_qm, DQK,
+                k_rope, stride_krs, stride_krn, q_rope, stride_qrs, stride_qrn, ROT_DIM,
+                BLOCK_N, BLOCK_M, BLOCK_DK, NUM_DK, ROTARY, INTERLEAVED, DOT_PRECISION, ACC_DTYPE,
             )  # fmt: skip
             if COMPUTE_DKDQ:
-                q = _load_rows(q_base, offs_m, m_mask, stride_qm, offs_dk, DQK)
+                q = _load_tile(
+                    q_base, offs_m, m_mask, stride_qm, offs_dk, DQK, q_rope, stride_qrs, stride_qrn, ROT_DIM,
+                    ROTARY, INTERLEAVED, ACC_DTYPE,
+                )  # fmt: skip
         # Rows with no visible key stored lse = -inf, and rows past Nq load +inf: both give P = 0.
         lse = tl.load(lse_row + offs_m, mask=m_mask, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -112,8 +127,9 @@ def _dkdv_query_loop(
                 do = _load_rows(do_base, offs_m, m_mask, stride_gm, offs_dv, DV)
             if COMPUTE_DKDQ:
                 dp_t = _scores(
-                    v, v_base, do_base, offs_n, offs_m, n_mask, m_mask, stride_vn, stride_gm, DV,
-                    BLOCK_N, BLOCK_M, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
+                    v, v_base, do_base, rows, offs_m, n_mask, m_mask, stride_vn, stride_gm, DV,
+                    v_base, 0, 0, v_base, 0, 0, 0,
+                    BLOCK_N, BLOCK_M, BLOCK_DV, NUM_DV, False, INTERLEAVED, DOT_PRECISION, ACC_DTYPE,
                 )  # fmt: skip
         if COMPUTE_DV:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -133,7 +149,7 @@ def _dkdv_query_loop(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DQacc, DK, DV_, KeyPad, KvLen,
+    Q, K, V, DOut, Lse, Delta, DQacc, DK, DV_, KeyPad, KvLen, KvIndex, QRope, KRope,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -143,9 +159,13 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_pb, stride_pn,
-    H, Nq, Nk, DQK, DV,
+    stride_ib,
+    stride_qrs, stride_qrb, stride_qrn,
+    stride_krs, stride_krb, stride_krn,
+    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM,
     qk_scale, sm_scale, num_n_blocks, num_z,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
@@ -169,6 +189,8 @@ def _bwd_dkdv_kernel(
     dq_base = DQacc + b * stride_aqb + h * stride_aqh
     lse_row = Lse + b * stride_lb + h * stride_lh
     delta_row = Delta + b * stride_lb + h * stride_lh
+    q_rope = QRope + b * stride_qrb
+    k_rope = KRope + b * stride_krb
 
     n_start = pid_n * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -186,16 +208,20 @@ def _bwd_dkdv_kernel(
     kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
     causal_offset = kv_len - Nq
     n_mask = offs_n < kv_len
+    rows = _key_rows(KvIndex + b * stride_ib, offs_n, offs_n < Nk, Nk_rows, HAS_KV_INDEX)
     keep = n_mask
     if HAS_PAD:
-        keep = _key_kept(KeyPad + b * stride_pb, offs_n, kv_len, stride_pn)
-    # K stays in registers: for the scores on the fast path, and for dQ.
+        keep = _key_kept(KeyPad + b * stride_pb, rows, n_mask, stride_pn)
+    # K stays in registers (rotated, with rotary): for the scores on the fast path, and for dQ.
     if NUM_DK == 1 or COMPUTE_DKDQ:
-        k = _load_rows(k_base, offs_n, n_mask, stride_kn, offs_dk, DQK)
+        k = _load_tile(
+            k_base, rows, n_mask, stride_kn, offs_dk, DQK, k_rope, stride_krs, stride_krn, ROT_DIM,
+            ROTARY, INTERLEAVED, ACC_DTYPE,
+        )  # fmt: skip
     else:
         k = k_base  # unused
     if NUM_DV == 1 and COMPUTE_DKDQ:
-        v = _load_rows(v_base, offs_n, n_mask, stride_vn, offs_dv, DV)
+        v = _load_rows(v_base, rows, n_mask, stride_vn, offs_dv, DV)
     else:
         v = v_base  # unused
 
@@ -215,36 +241,41 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_DK], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC_DTYPE)
     dk, dv = _dkdv_query_loop(
-        dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row,
-        offs_n, n_mask, offs_dk, offs_dv, m_start, m_full, kv_len, causal_offset, qk_scale, sm_scale,
-        stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, Nq, DQK, DV,
-        True, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ,
+        dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row, q_rope, k_rope,
+        offs_n, rows, n_mask, offs_dk, offs_dv, m_start, m_full, kv_len, causal_offset, qk_scale, sm_scale,
+        stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, stride_qrs, stride_qrn, stride_krs, stride_krn,
+        Nq, DQK, DV, ROT_DIM,
+        True, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ, ROTARY, INTERLEAVED,
         BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     dk, dv = _dkdv_query_loop(
-        dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row,
-        offs_n, n_mask, offs_dk, offs_dv, m_full, m_end, kv_len, causal_offset, qk_scale, sm_scale,
-        stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, Nq, DQK, DV,
-        False, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ,
+        dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row, q_rope, k_rope,
+        offs_n, rows, n_mask, offs_dk, offs_dv, m_full, m_end, kv_len, causal_offset, qk_scale, sm_scale,
+        stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, stride_qrs, stride_qrn, stride_krs, stride_krn,
+        Nq, DQK, DV, ROT_DIM,
+        False, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ, ROTARY, INTERLEAVED,
         BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
 
-    # Every key row is written, including padded ones and rows past kv_lengths (zeros there).
+    # Every key row is written, including padded ones and rows past kv_lengths (zeros there); with
+    # kv_index the gathered rows are (unique, so no two programs collide), the rest stay zero.
     row_mask = (offs_n < Nk)[:, None]
+    out_rows = rows[:, None].to(tl.int64)
     if COMPUTE_DV:
-        dv_ptrs = DV_ + b * stride_dvb + h * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :]
+        dv_ptrs = DV_ + b * stride_dvb + h * stride_dvh + out_rows * stride_dvn + offs_dv[None, :]
         tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
     if COMPUTE_DKDQ:
-        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_dk[None, :]
+        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + out_rows * stride_dkn + offs_dk[None, :]
         dk = dk * sm_scale
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_mask & (offs_dk[None, :] < DQK))
 
 
 @triton.jit
 def _dq_key_loop(
-    dq, q, do, lse, delta, k_base, v_base, pad_row, offs_m, start, end, key_end, causal_offset,
-    qk_scale, stride_kn, stride_vn, stride_pn, DQK, DV,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, pad_row, kv_index_row, k_rope, offs_m, start, end, key_end,
+    causal_offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
@@ -252,14 +283,18 @@ def _dq_key_loop(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < key_end
-        k = _load_rows(k_base, offs_n, n_mask, stride_kn, tl.arange(0, BLOCK_DK), DQK)
-        v = _load_rows(v_base, offs_n, n_mask, stride_vn, tl.arange(0, BLOCK_DV), DV)
+        rows = _key_rows(kv_index_row, offs_n, n_mask, Nk_rows, HAS_KV_INDEX)
+        k = _load_tile(
+            k_base, rows, n_mask, stride_kn, tl.arange(0, BLOCK_DK), DQK, k_rope, stride_krs, stride_krn, ROT_DIM,
+            ROTARY, INTERLEAVED, ACC_DTYPE,
+        )  # fmt: skip
+        v = _load_rows(v_base, rows, n_mask, stride_vn, tl.arange(0, BLOCK_DV), DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], key_end, causal_offset, CAUSAL), p, 0.0)
         if HAS_PAD:
-            p = tl.where(_key_kept(pad_row, offs_n, key_end, stride_pn)[None, :], p, 0.0)
+            p = tl.where(_key_kept(pad_row, rows, n_mask, stride_pn)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq += tl.dot(ds, k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -268,7 +303,7 @@ def _dq_key_loop(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, KeyPad, KvLen,
+    Q, K, V, DOut, Lse, Delta, DQ, KeyPad, KvLen, KvIndex, QRope, KRope,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -276,9 +311,13 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_ds, stride_db, stride_dm, stride_dh,
     stride_pb, stride_pn,
-    H, Nq, Nk, DQK, DV,
+    stride_ib,
+    stride_qrs, stride_qrb, stride_qrn,
+    stride_krs, stride_krb, stride_krn,
+    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM,
     qk_scale, sm_scale, keys_per_split, num_m_blocks, num_splits,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
@@ -300,7 +339,10 @@ def _bwd_dq_kernel(
         pid_m, split, keys_per_split, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
     )
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK)
+    q = _load_tile(
+        Q + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK,
+        QRope + b * stride_qrb, stride_qrs, stride_qrn, ROT_DIM, ROTARY, INTERLEAVED, ACC_DTYPE,
+    )  # fmt: skip
     do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, m_mask, stride_gm, tl.arange(0, BLOCK_DV), DV)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -308,17 +350,21 @@ def _bwd_dq_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     pad_row = KeyPad + b * stride_pb
+    kv_index_row = KvIndex + b * stride_ib
+    k_rope = KRope + b * stride_krb
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], ACC_DTYPE)
     dq = _dq_key_loop(
-        dq, q, do, lse, delta, k_base, v_base, pad_row, offs_m, lo, full_end, key_end, causal_offset,
-        qk_scale, stride_kn, stride_vn, stride_pn, DQK, DV,
-        False, CAUSAL, HAS_PAD, BLOCK_N, BLOCK_DK, BLOCK_DV, DOT_PRECISION, ACC_DTYPE,
+        dq, q, do, lse, delta, k_base, v_base, pad_row, kv_index_row, k_rope, offs_m, lo, full_end, key_end,
+        causal_offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
+        False, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED, BLOCK_N, BLOCK_DK, BLOCK_DV,
+        DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     dq = _dq_key_loop(
-        dq, q, do, lse, delta, k_base, v_base, pad_row, offs_m, full_end, hi, key_end, causal_offset,
-        qk_scale, stride_kn, stride_vn, stride_pn, DQK, DV,
-        True, CAUSAL, HAS_PAD, BLOCK_N, BLOCK_DK, BLOCK_DV, DOT_PRECISION, ACC_DTYPE,
+        dq, q, do, lse, delta, k_base, v_base, pad_row, kv_index_row, k_rope, offs_m, full_end, hi, key_end,
+        causal_offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
+        True, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED, BLOCK_N, BLOCK_DK, BLOCK_DV,
+        DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     offs_d = tl.arange(0, BLOCK_DK)
     dq_ptrs = (
@@ -342,12 +388,14 @@ def attention_backward(
     scale: float,
     num_splits: int = 0,
     config: configs.BackwardConfig | None = None,
+    kv_index: torch.Tensor | None = None,
+    rope: Rope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_forward` with respect to q, k and v.
 
     Args:
         grad_out: ``(B, Nq, H, Dv)``, last dim contiguous; grad_lse: ``(B, H, Nq)`` or None.
-        q, k, v, key_padding_mask, kv_lengths, causal, scale: as given to the forward.
+        q, k, v, key_padding_mask, kv_lengths, causal, scale, kv_index, rope: as given to the forward.
         out, lse: the forward's outputs.
         num_splits: key-axis splits of the dQ pass (split dQ mode); 0 chooses from the SM count.
         config: tiles and dQ strategy; default ``configs.backward_config`` (benchmarks sweep it).
@@ -356,7 +404,8 @@ def attention_backward(
         ``dq (Bq, Nq, H, Dqk)`` (summed over the batch when ``Bq == 1``), ``dk``, ``dv`` shaped like
         q, k and v, in the inputs' dtype.
     """
-    batch, num_keys, heads, head_dim_qk_in = k.shape
+    batch, num_rows, heads, head_dim_qk_in = k.shape
+    num_keys = num_rows if kv_index is None else kv_index.shape[1]
     num_queries, head_dim_v_in = q.shape[1], v.shape[3]
     head_dim_qk = configs.aligned_head_dim(head_dim_qk_in, configs.QK_CHUNK)
     head_dim_v = configs.aligned_head_dim(head_dim_v_in, configs.V_CHUNK)
@@ -374,7 +423,14 @@ def attention_backward(
     broadcast_q = q.shape[0] == 1 and batch > 1
     q_batch_stride = 0 if broadcast_q else q.stride(0)
     pad, pad_stride_b, pad_stride_n, lengths = mask_args(q, key_padding_mask, kv_lengths)
-    flags = dict(CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None)
+    index = kv_index if kv_index is not None else lengths.new_empty(0)
+    q_rope, k_rope = rope_args(rope, "q", q), rope_args(rope, "k", q)
+    rotary_dim = rope.rotary_dim if rope else 0
+    flags = dict(
+        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None,
+        HAS_KV_INDEX=kv_index is not None, ROTARY=rope is not None, INTERLEAVED=rope is None or rope.interleaved,
+    )  # fmt: skip
+    gather_args = (index.stride(0) if kv_index is not None else 0, *q_rope[1:], *k_rope[1:])
 
     delta = torch.empty((batch, heads, num_queries), device=q.device, dtype=stats_dtype)
     delta_block_m = 64 if is_cuda else 16
@@ -396,13 +452,16 @@ def attention_backward(
         dq_buf = torch.zeros((q.shape[0], num_queries, heads, head_dim_qk), device=q.device, dtype=stats_dtype)
     else:
         dq_buf = q.new_empty(0)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    # With rotary, dK comes out in the rotated frame and is turned back afterwards: keep it in
+    # float32 until then. With kv_index, rows that are not gathered get no store: start from zeros.
+    new = torch.zeros if kv_index is not None else torch.empty
+    dk = new(k.shape, device=k.device, dtype=stats_dtype if rope is not None else k.dtype)
+    dv = new(v.shape, device=v.device, dtype=v.dtype)
     num_n_blocks = triton.cdiv(num_keys, cfg.block_n)
 
     def launch_dkdv(num_z: int, compute_dv: bool, compute_dkdq: bool) -> None:
         _bwd_dkdv_kernel[(num_n_blocks * num_z * batch * heads,)](
-            q, k, v, grad_out, lse, delta, dq_buf, dk, dv, pad, lengths,
+            q, k, v, grad_out, lse, delta, dq_buf, dk, dv, pad, lengths, index, q_rope[0], k_rope[0],
             q_batch_stride, q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -411,8 +470,8 @@ def attention_backward(
             *((0 if broadcast_q else dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2)) if atomic_dq else (0, 0, 0)),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            pad_stride_b, pad_stride_n,
-            heads, num_queries, num_keys, head_dim_qk, head_dim_v,
+            pad_stride_b, pad_stride_n, *gather_args,
+            heads, num_queries, num_keys, num_rows, head_dim_qk, head_dim_v, rotary_dim,
             scale * LOG2E, scale, num_n_blocks, num_z, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_DK=qk_tiles.block, NUM_DK=qk_tiles.num_chunks,
@@ -427,29 +486,31 @@ def attention_backward(
     else:
         launch_dkdv(v_tiles.num_chunks, compute_dv=True, compute_dkdq=False)
         launch_dkdv(qk_tiles.num_chunks, compute_dv=False, compute_dkdq=True)
+    dk = _turn_back(dk, rope, "k", k.dtype)
     if atomic_dq:
-        return _unpad(dq_buf.to(q.dtype), dk, dv, head_dim_qk_in, head_dim_v_in)
+        return _unpad(_turn_back(dq_buf, rope, "q", q.dtype), dk, dv, head_dim_qk_in, head_dim_v_in)
 
     # Split dQ: parallel over query blocks and key splits, like the forward.
     num_m_blocks = triton.cdiv(num_queries, cfg.dq_block_m)
     num_splits, keys_per_split = configs.plan_kv_splits(
         num_splits, batch * heads * num_m_blocks, num_keys, cfg.dq_block_n, q.device.index if is_cuda else None
     )
-    direct = num_splits == 1 and not broadcast_q  # write dq itself, no partial sums to reduce
+    # Write dq itself when there are no partial sums to reduce and nothing to rotate back.
+    direct = num_splits == 1 and not broadcast_q and rope is None
     if direct:
         dq_part = torch.empty_like(q, memory_format=torch.contiguous_format).unsqueeze(0)
     else:
         dq_part = torch.empty((num_splits, batch, num_queries, heads, head_dim_qk), device=q.device, dtype=stats_dtype)
     _bwd_dq_kernel[(num_m_blocks * num_splits * batch * heads,)](
-        q, k, v, grad_out, lse, delta, dq_part, pad, lengths,
+        q, k, v, grad_out, lse, delta, dq_part, pad, lengths, index, q_rope[0], k_rope[0],
         q_batch_stride, q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         lse.stride(0), lse.stride(1),
         dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dq_part.stride(3),
-        pad_stride_b, pad_stride_n,
-        heads, num_queries, num_keys, head_dim_qk, head_dim_v,
+        pad_stride_b, pad_stride_n, *gather_args,
+        heads, num_queries, num_keys, num_rows, head_dim_qk, head_dim_v, rotary_dim,
         scale * LOG2E, scale, keys_per_split, num_m_blocks, num_splits, **flags,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_DK=qk_tiles.block, BLOCK_DV=v_tiles.block,
         DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc,
@@ -459,8 +520,18 @@ def attention_backward(
         dq = dq_part.squeeze(0)
     else:
         dq = dq_part.sum(dim=(0, 1) if broadcast_q else 0, keepdim=False)
-        dq = (dq.unsqueeze(0) if broadcast_q else dq).to(q.dtype)
+        dq = _turn_back(dq.unsqueeze(0) if broadcast_q else dq, rope, "q", q.dtype)
     return _unpad(dq, dk, dv, head_dim_qk_in, head_dim_v_in)
+
+
+def _turn_back(grad: torch.Tensor, rope: Rope | None, which: str, dtype: torch.dtype) -> torch.Tensor:
+    """A gradient computed against rotated q or k, rotated back (the inverse rotation is the
+    transpose) and cast to the input dtype; only cast without rotary."""
+    if rope is None:
+        return grad.to(dtype)
+    from .rotary import rotate
+
+    return rotate(grad, getattr(rope, which), rope.rotary_dim, rope.interleaved, inverse=True, out_dtype=dtype)
 
 
 def _unpad(dq, dk, dv, head_dim_qk: int, head_dim_v: int):

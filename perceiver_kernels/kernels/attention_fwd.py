@@ -15,52 +15,61 @@ import triton.language as tl
 from . import configs
 from .common import (
     LOG2E,
+    Rope,
     _key_kept,
+    _key_rows,
     _kv_length,
     _load_rows,
+    _load_tile,
     _scores,
     _split_key_range,
     _visible,
     acc_dtype,
     dot_precision,
     mask_args,
+    rope_args,
     with_head_dim,
 )
 
 
 @triton.jit
 def _fwd_key_loop(
-    acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, offs_m, m_mask, offs_dv,
+    acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, kv_index_row, q_rope, k_rope, offs_m, m_mask, offs_dv,
     start, end, key_end, causal_offset, qk_scale,
-    stride_qm, stride_kn, stride_vn, stride_pn, DQK, DV,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    stride_qm, stride_kn, stride_vn, stride_pn, stride_qrs, stride_qrn, stride_krs, stride_krn,
+    Nk_rows, DQK, DV, ROT_DIM,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key blocks ``[start, end)``. ``MASKED`` blocks straddle the causal
-    diagonal or the end of the keys and get the full index mask; the others only key padding."""
+    """Online softmax over key blocks ``[start, end)`` (indices on the gathered key axis). ``MASKED``
+    blocks straddle the causal diagonal or the end of the keys and get the full index mask; the
+    others only key padding."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < key_end
+        rows = _key_rows(kv_index_row, offs_n, n_mask, Nk_rows, HAS_KV_INDEX)
         s = _scores(
-            q, q_base, k_base, offs_m, offs_n, m_mask, n_mask, stride_qm, stride_kn, DQK,
-            BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+            q, q_base, k_base, offs_m, rows, m_mask, n_mask, stride_qm, stride_kn, DQK,
+            q_rope, stride_qrs, stride_qrn, k_rope, stride_krs, stride_krn, ROT_DIM,
+            BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, ROTARY, INTERLEAVED, DOT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
         s = s * qk_scale
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], key_end, causal_offset, CAUSAL)
             if HAS_PAD:
-                visible = visible & _key_kept(pad_row, offs_n, key_end, stride_pn)[None, :]
+                visible = visible & _key_kept(pad_row, rows, n_mask, stride_pn)[None, :]
             s = tl.where(visible, s, float("-inf"))
         elif HAS_PAD:
-            s = tl.where(_key_kept(pad_row, offs_n, key_end, stride_pn)[None, :], s, float("-inf"))
+            s = tl.where(_key_kept(pad_row, rows, n_mask, stride_pn)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 finite.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, offs_n, n_mask, stride_vn, offs_dv, DV)
+        v = _load_rows(v_base, rows, n_mask, stride_vn, offs_dv, DV)
         acc = acc * alpha[:, None]
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         m_i = m_new
@@ -69,16 +78,20 @@ def _fwd_key_loop(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, KeyPad, KvLen,
+    Q, K, V, Out, Lse, KeyPad, KvLen, KvIndex, QRope, KRope,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_os, stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lh,
     stride_pb, stride_pn,
-    H, Nq, Nk, DQK, DV,
+    stride_ib,
+    stride_qrs, stride_qrb, stride_qrn,
+    stride_krs, stride_krb, stride_krn,
+    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM,
     qk_scale, keys_per_split, num_m_blocks, num_z,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
@@ -86,7 +99,7 @@ def _fwd_kernel(
 ):  # fmt: skip
     # One program: BLOCK_M queries x one v-dim chunk x one key split of one (batch, head).
     # Query blocks of the same (batch, head, split) are adjacent in launch order so they share
-    # K/V tiles in L2.
+    # K/V tiles in L2. Nk is the (gathered) key axis the program walks; Nk_rows the rows of k/v.
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     rest = pid // num_m_blocks
@@ -101,6 +114,9 @@ def _fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     pad_row = KeyPad + b * stride_pb
+    kv_index_row = KvIndex + b * stride_ib
+    q_rope = QRope + b * stride_qrb
+    k_rope = KRope + b * stride_krb
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -113,8 +129,11 @@ def _fwd_kernel(
     )
 
     if NUM_DK == 1:
-        # Fast path: the whole q tile stays in registers for the key loop.
-        q = _load_rows(q_base, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK)
+        # Fast path: the whole (rotated) q tile stays in registers for the key loop.
+        q = _load_tile(
+            q_base, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK, q_rope, stride_qrs, stride_qrn, ROT_DIM,
+            ROTARY, INTERLEAVED, ACC_DTYPE,
+        )  # fmt: skip
     else:
         q = q_base  # unused: the chunked path reloads q chunk by chunk
 
@@ -122,16 +141,20 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
     acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, offs_m, m_mask, offs_dv,
+        acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, kv_index_row, q_rope, k_rope, offs_m, m_mask, offs_dv,
         lo, full_end, key_end, causal_offset, qk_scale,
-        stride_qm, stride_kn, stride_vn, stride_pn, DQK, DV,
-        False, CAUSAL, HAS_PAD, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+        stride_qm, stride_kn, stride_vn, stride_pn, stride_qrs, stride_qrn, stride_krs, stride_krn,
+        Nk_rows, DQK, DV, ROT_DIM,
+        False, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED,
+        BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, offs_m, m_mask, offs_dv,
+        acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, kv_index_row, q_rope, k_rope, offs_m, m_mask, offs_dv,
         full_end, hi, key_end, causal_offset, qk_scale,
-        stride_qm, stride_kn, stride_vn, stride_pn, DQK, DV,
-        True, CAUSAL, HAS_PAD, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
+        stride_qm, stride_kn, stride_vn, stride_pn, stride_qrs, stride_qrn, stride_krs, stride_krn,
+        Nk_rows, DQK, DV, ROT_DIM,
+        True, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED,
+        BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
 
     empty = l_i == 0.0
@@ -219,26 +242,31 @@ def attention_forward(
     scale: float,
     num_splits: int = 0,
     config: configs.LaunchConfig | None = None,
+    kv_index: torch.Tensor | None = None,
+    rope: Rope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. Inputs are already validated (see ``perceiver_kernels.functional``).
 
     Args:
         q: ``(Bq, Nq, H, Dqk)``, ``Bq`` in ``{1, B}``; k: ``(B, Nk, H, Dqk)``; v: ``(B, Nk, H, Dv)``.
         key_padding_mask: bool ``(B, Nk)`` (True = padding) or None.
-        kv_lengths: int ``(B,)`` or None.
+        kv_lengths: int ``(B,)`` or None (on the gathered axis when ``kv_index`` is given).
         num_splits: key-axis splits; 0 picks them from the SM count (see ``configs.plan_kv_splits``).
         config: tile shape override (benchmarks sweep it); default ``configs.forward_config``.
+        kv_index: int64 ``(B, Nk')`` key rows to attend to, or None.
+        rope: rotary tables and layout, or None.
 
     Returns:
         ``out (B, Nq, H, Dv)`` in q's dtype and ``lse (B, H, Nq)`` (float32; float64 for float64).
     """
-    batch, num_keys, heads, _ = k.shape
+    batch, num_rows, heads, _ = k.shape
+    num_keys = num_rows if kv_index is None else kv_index.shape[1]
     num_queries, head_dim_v_out = q.shape[1], v.shape[3]
     head_dim_qk = configs.aligned_head_dim(k.shape[3], configs.QK_CHUNK)
     head_dim_v = configs.aligned_head_dim(head_dim_v_out, configs.V_CHUNK)
     q, k, v = with_head_dim(q, head_dim_qk), with_head_dim(k, head_dim_qk), with_head_dim(v, head_dim_v)
     is_cuda = q.device.type == "cuda"
-    cfg = config or configs.forward_config(head_dim_qk, head_dim_v, causal, is_cuda)
+    cfg = config or configs.forward_config(head_dim_qk, head_dim_v, causal, is_cuda, num_queries)
     qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
     v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
     num_m_blocks = triton.cdiv(num_queries, cfg.block_m)
@@ -259,20 +287,25 @@ def attention_forward(
         lse_part = torch.empty((num_splits, *lse.shape), device=q.device, dtype=lse.dtype)
 
     pad, pad_stride_b, pad_stride_n, lengths = mask_args(q, key_padding_mask, kv_lengths)
+    index = kv_index if kv_index is not None else lengths.new_empty(0)
+    q_rope, k_rope = rope_args(rope, "q", q), rope_args(rope, "k", q)
     q_batch_stride = 0 if q.shape[0] == 1 else q.stride(0)
     num_z = num_splits * v_tiles.num_chunks
     grid = (num_m_blocks * num_z * batch * heads,)
     _fwd_kernel[grid](
-        q, k, v, out_part, lse_part, pad, lengths,
+        q, k, v, out_part, lse_part, pad, lengths, index, q_rope[0], k_rope[0],
         q_batch_stride, q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         pad_stride_b, pad_stride_n,
-        heads, num_queries, num_keys, head_dim_qk, head_dim_v,
+        index.stride(0) if kv_index is not None else 0,
+        *q_rope[1:], *k_rope[1:],
+        heads, num_queries, num_keys, num_rows, head_dim_qk, head_dim_v, rope.rotary_dim if rope else 0,
         scale * LOG2E, keys_per_split, num_m_blocks, num_z,
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None,
+        HAS_KV_INDEX=kv_index is not None, ROTARY=rope is not None, INTERLEAVED=rope is None or rope.interleaved,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_DK=qk_tiles.block, NUM_DK=qk_tiles.num_chunks,
         BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,

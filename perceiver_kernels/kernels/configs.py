@@ -68,6 +68,9 @@ def aligned_head_dim(head_dim: int, chunk_above_fast: int) -> int:
     return cdiv(head_dim, multiple) * multiple
 
 
+DECODE_MAX_QUERIES = 16
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     block_m: int  # query rows per program
@@ -76,18 +79,24 @@ class LaunchConfig:
     num_stages: int
 
 
-def forward_config(head_dim_qk: int, head_dim_v: int, causal: bool, is_cuda: bool) -> LaunchConfig:
-    """Forward tile shape, chosen by the wider of the two head-dim tiles.
+def forward_config(
+    head_dim_qk: int, head_dim_v: int, causal: bool, is_cuda: bool, num_queries: int | None = None
+) -> LaunchConfig:
+    """Forward tile shape, chosen by the wider of the two head-dim tiles and the query count.
 
     D <= 64 values come from a sweep on an H200 (benchmarks/results/core-h200-2026-11-26-run2.json):
     8 warps won on the non-causal cross-attention shapes, 4 warps on the causal one, where the
-    masked diagonal blocks favour more programs in flight.
+    masked diagonal blocks favour more programs in flight. Decoding (at most ``DECODE_MAX_QUERIES``
+    queries) takes the smallest query tile ``tl.dot`` allows, so one query row does not pay for 128,
+    and long key steps, since it only streams K/V (not yet measured on a GPU).
     """
     if not is_cuda:
         # The interpreter pays per program and per loop step; small tiles keep awkward test shapes
         # exercising partial blocks.
         return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
     widest = max(head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block)
+    if num_queries is not None and num_queries <= DECODE_MAX_QUERIES:
+        return LaunchConfig(block_m=16, block_n=128 if widest <= 128 else 64, num_warps=4, num_stages=3)
     if widest <= 64:
         return LaunchConfig(block_m=128, block_n=64, num_warps=4 if causal else 8, num_stages=3)
     if widest <= 128:

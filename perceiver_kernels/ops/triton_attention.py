@@ -22,22 +22,39 @@ def triton_attention_fwd(
     v: Tensor,
     key_padding_mask: Tensor | None,
     kv_lengths: Tensor | None,
+    kv_index: Tensor | None,
+    q_rope: Tensor | None,
+    k_rope: Tensor | None,
+    rotary_dim: int,
+    rotary_interleaved: bool,
     causal: bool,
     scale: float,
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """``q (Bq, Nq, H, Dqk)``, ``k (B, Nk, H, Dqk)``, ``v (B, Nk, H, Dv)`` -> ``out (B, Nq, H, Dv)``,
-    ``lse (B, H, Nq)``. ``num_splits`` 0 lets the launcher choose the split-KV factor."""
+    ``lse (B, H, Nq)``. ``kv_index (B, Nk')`` gathers key rows; ``q_rope``/``k_rope`` are the
+    ``(2, 1 or B, N, rotary_dim / 2)`` cos/sin tables of the queries and the (original) keys.
+    ``num_splits`` 0 lets the launcher choose the split-KV factor."""
     from ..kernels.attention_fwd import attention_forward
 
     batch, num_queries, heads = k.shape[0], q.shape[1], q.shape[2]
     if batch == 0 or num_queries == 0 or heads == 0:
         return _empty_outputs(q, k, v)
-    return attention_forward(q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits)
+    rope = _rope(q_rope, k_rope, rotary_dim, rotary_interleaved)
+    return attention_forward(
+        q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits, kv_index=kv_index, rope=rope
+    )
+
+
+def _rope(q_rope, k_rope, rotary_dim, interleaved):
+    from ..kernels.common import Rope
+
+    return Rope(q_rope, k_rope, rotary_dim, interleaved) if rotary_dim else None
 
 
 @triton_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits):
+def _(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal, scale,
+      num_splits):  # fmt: skip
     return _empty_outputs(q, k, v)
 
 
@@ -59,6 +76,11 @@ def triton_attention_bwd(
     lse: Tensor,
     key_padding_mask: Tensor | None,
     kv_lengths: Tensor | None,
+    kv_index: Tensor | None,
+    q_rope: Tensor | None,
+    k_rope: Tensor | None,
+    rotary_dim: int,
+    rotary_interleaved: bool,
     causal: bool,
     scale: float,
     num_splits: int,
@@ -67,36 +89,44 @@ def triton_attention_bwd(
     broadcast batch-1 query. ``grad_lse`` is the gradient flowing into the returned lse, or None."""
     from ..kernels.attention_bwd import attention_backward
 
-    if out.numel() == 0 or k.shape[1] == 0:
+    num_keys = k.shape[1] if kv_index is None else kv_index.shape[1]
+    if out.numel() == 0 or num_keys == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if grad_out.stride(-1) != 1:  # e.g. the all-zero-stride gradient of out.sum()
         grad_out = grad_out.contiguous()
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()
+    rope = _rope(q_rope, k_rope, rotary_dim, rotary_interleaved)
     return attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale, num_splits
-    )
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale, num_splits,
+        kv_index=kv_index, rope=rope,
+    )  # fmt: skip
 
 
 @triton_attention_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale, num_splits):
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim,
+      rotary_interleaved, causal, scale, num_splits):  # fmt: skip
     # The kernels return fresh contiguous gradients whatever the inputs' strides.
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits = inputs
+    q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, interleaved, causal, scale, splits = (
+        inputs
+    )
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    ctx.rotary_dim = rotary_dim
+    ctx.rotary_interleaved = interleaved
     ctx.causal = causal
     ctx.scale = scale
-    ctx.num_splits = num_splits
+    ctx.num_splits = splits
     # Unused outputs arrive as None instead of materialised zeros (no zero-filled dlse pass).
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, kv_lengths = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = triton_attention_bwd(
@@ -109,11 +139,16 @@ def _backward(ctx, grad_out, grad_lse):
         lse,
         key_padding_mask,
         kv_lengths,
+        kv_index,
+        q_rope,
+        k_rope,
+        ctx.rotary_dim,
+        ctx.rotary_interleaved,
         ctx.causal,
         ctx.scale,
         ctx.num_splits,
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, *([None] * 10)
 
 
 triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -129,12 +164,19 @@ def triton_attention(
     kv_lengths: Tensor | None = None,
     scale: float,
     num_splits: int = 0,
+    kv_index: Tensor | None = None,
+    q_rope: Tensor | None = None,
+    k_rope: Tensor | None = None,
+    rotary_dim: int = 0,
+    rotary_interleaved: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Differentiable Triton attention returning ``(out, lse)``; arguments as in ``pk.attention``.
+    """Differentiable Triton attention returning ``(out, lse)``; arguments as in ``pk.attention``,
+    with the rotary tables already built (``q_rope``/``k_rope``, see ``triton_attention_fwd``).
 
     ``num_splits`` forces the number of key-axis splits of the forward and of the backward's dQ pass
     (0 = choose from the SM count); tests use it to exercise split-KV on the CPU interpreter.
     """
     return torch.ops.perceiver_kernels.triton_attention_fwd(
-        q, k, v, key_padding_mask, kv_lengths, causal, float(scale), num_splits
-    )
+        q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
+        float(scale), num_splits,
+    )  # fmt: skip
