@@ -42,7 +42,17 @@ class Inputs:
     k: Tensor
     v: Tensor
     key_padding_mask: Tensor | None  # bool (B, Nk), True = padded
-    kv_lengths: Tensor | None  # int64 (B,)
+    kv_lengths: Tensor | None  # int64 (B,), on the attended key axis
+    kv_index: Tensor | None = None  # int64 (B, Nk'): prefix dropout
+    q_positions: Tensor | None = None  # rotary positions; None: the op's defaults
+    k_positions: Tensor | None = None
+
+    @property
+    def attended_padding(self) -> Tensor | None:
+        """The padding mask on the attended key axis (gathered with ``kv_index``)."""
+        if self.key_padding_mask is None or self.kv_index is None:
+            return self.key_padding_mask
+        return self.key_padding_mask.gather(1, self.kv_index)
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Inputs:
@@ -51,32 +61,40 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, se
     def rand(n: int, d: int) -> Tensor:
         return torch.randn(shape.batch, shape.heads, n, d, device=device, dtype=dtype, generator=g)
 
-    pad, lengths = shape.key_padding_mask(), shape.kv_lengths()
+    def to_device(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device)
+
+    positions = shape.positions() or (None, None)
     return Inputs(
         rand(shape.nq, shape.dqk),
         rand(shape.nk, shape.dqk),
         rand(shape.nk, shape.dv),
-        None if pad is None else pad.to(device),
-        None if lengths is None else lengths.to(device),
+        to_device(shape.key_padding_mask()),
+        to_device(shape.kv_lengths()),
+        to_device(shape.kv_index()),
+        *(to_device(p) for p in positions),
     )
 
 
 def visible_mask(shape: Shape, inputs: Inputs) -> Tensor | None:
-    """bool, broadcastable to ``(B, H, Nq, Nk)``, True = the query sees the key; None = all visible.
+    """bool, broadcastable to ``(B, H, Nq, Nk')`` on the attended key axis, True = the query sees the
+    key; None = all visible.
 
     Kept as small as the mask allows: ``(B, 1, 1, Nk)`` for padding, ``(1, 1, Nq, Nk)`` for a causal
     mask shared by the batch, ``(B, 1, Nq, Nk)`` only when lengths differ per sample.
     """
     device = inputs.q.device
+    nk = shape.nk_attended
     mask = None
-    if inputs.key_padding_mask is not None:
-        mask = ~inputs.key_padding_mask[:, None, None, :]
+    pad = inputs.attended_padding
+    if pad is not None:
+        mask = ~pad[:, None, None, :]
     lengths = inputs.kv_lengths
     if lengths is not None or shape.causal:
-        key = torch.arange(shape.nk, device=device)
+        key = torch.arange(nk, device=device)
         query = torch.arange(shape.nq, device=device)[:, None]
         if lengths is None:
-            seen = key <= query + (shape.nk - shape.nq)
+            seen = key <= query + (nk - shape.nq)
             seen = seen[None, None]
         else:
             length = lengths[:, None, None, None]
@@ -92,7 +110,7 @@ def _require_memory(shape: Shape, inputs: Inputs, mode: str, bytes_per_score: in
     if inputs.q.device.type != "cuda":
         return
     device = inputs.q.device
-    need = SCORE_BUFFERS[mode] * bytes_per_score * shape.batch * shape.heads * shape.nq * shape.nk
+    need = SCORE_BUFFERS[mode] * bytes_per_score * shape.batch * shape.heads * shape.nq * shape.nk_attended
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch
     if need > MEMORY_HEADROOM * free:
@@ -107,16 +125,53 @@ def ours(backend: str) -> Callable[[Shape, Inputs, str], AttentionFn]:
         reason = pk.backend_unavailable_reason(backend, inputs.q)
         if reason is not None:
             raise Unavailable(reason)
-        pad, lengths = inputs.key_padding_mask, inputs.kv_lengths
+        options = dict(
+            causal=shape.causal, key_padding_mask=inputs.key_padding_mask, kv_lengths=inputs.kv_lengths,
+            kv_index=inputs.kv_index, rotary_dim=shape.rotary_dim, q_positions=inputs.q_positions,
+            k_positions=inputs.k_positions, backend=backend,
+        )  # fmt: skip
 
         def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            out = pk.attention(q, k, v, causal=shape.causal, key_padding_mask=pad, kv_lengths=lengths, backend=backend)
+            out = pk.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **options)
             return out.transpose(1, 2)
 
         return attn
 
     return build
+
+
+# -- what the other providers must do first ------------------------------------------------------------
+
+
+def prologue(shape: Shape, inputs: Inputs) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """Rotary and the prefix-dropout gather as separate PyTorch ops, as a user of SDPA, FlexAttention
+    or naive attention has to run them in every step (the angle tables are built once, outside).
+    Returns ``(q, k, v) -> (q, k, v)`` in ``(B, H, N, D)``; the identity without those features."""
+    if not shape.rotary_dim and inputs.kv_index is None:
+        return lambda q, k, v: (q, k, v)
+    from perceiver_kernels.rotary import default_positions, rotary_tables, rotate
+
+    tables = None
+    if shape.rotary_dim:
+        default_q, default_k = default_positions(
+            shape.batch, shape.nq, shape.nk, inputs.kv_lengths if inputs.kv_index is None else None, inputs.q.device
+        )
+        q_pos = default_q if inputs.q_positions is None else inputs.q_positions
+        k_pos = default_k if inputs.k_positions is None else inputs.k_positions
+        tables = rotary_tables(q_pos, shape.rotary_dim, 10000.0), rotary_tables(k_pos, shape.rotary_dim, 10000.0)
+    index = None if inputs.kv_index is None else inputs.kv_index[:, None, :, None]
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if tables is not None:
+            (q_cos, q_sin), (k_cos, k_sin) = tables
+            q = rotate(q.transpose(1, 2), q_cos, q_sin, shape.rotary_dim, True).transpose(1, 2)
+            k = rotate(k.transpose(1, 2), k_cos, k_sin, shape.rotary_dim, True).transpose(1, 2)
+        if index is not None:
+            k = k.gather(2, index.expand(-1, k.shape[1], -1, k.shape[3]))
+            v = v.gather(2, index.expand(-1, v.shape[1], -1, v.shape[3]))
+        return q, k, v
+
+    return run
 
 
 # -- PyTorch SDPA with one backend forced ------------------------------------------------------------
@@ -133,15 +188,17 @@ def sdpa(backend_name: str) -> Callable[[Shape, Inputs, str], AttentionFn]:
         if backend == SDPBackend.MATH:  # computes in float32 for 16-bit inputs
             _require_memory(shape, inputs, mode, bytes_per_score=4)
         fused_causal = backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
-        if shape.causal and inputs.key_padding_mask is None and inputs.kv_lengths is None and fused_causal:
+        if shape.causal and inputs.attended_padding is None and inputs.kv_lengths is None and fused_causal:
             # SDPA's is_causal is top-left aligned; causal_lower_right reaches these two backends'
             # own bottom-right masks. For the others it would build a dense mask on every call,
             # so they get that mask built once, here, as a user would.
-            mask = causal_lower_right(shape.nq, shape.nk)
+            mask = causal_lower_right(shape.nq, shape.nk_attended)
         else:
             mask = visible_mask(shape, inputs)
+        before = prologue(shape, inputs)
 
         def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            q, k, v = before(q, k, v)
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -173,8 +230,9 @@ def flex(shape: Shape, inputs: Inputs, mode: str) -> AttentionFn:
     """``torch.compile``d FlexAttention with the equivalent block mask (compiled once per shape)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    pad, lengths = inputs.key_padding_mask, inputs.kv_lengths
-    offset = shape.nk - shape.nq
+    pad, lengths = inputs.attended_padding, inputs.kv_lengths
+    nk = shape.nk_attended
+    offset = nk - shape.nq
 
     def mask_mod(b, h, q_idx, kv_idx):
         seen = q_idx >= 0  # all True, in the index tensors' shape
@@ -192,11 +250,12 @@ def flex(shape: Shape, inputs: Inputs, mode: str) -> AttentionFn:
     if shape.causal or pad is not None or lengths is not None:
         per_sample = pad is not None or lengths is not None
         batch = shape.batch if per_sample else None
-        block_mask = create_block_mask(mask_mod, batch, None, shape.nq, shape.nk, device=inputs.q.device)
+        block_mask = create_block_mask(mask_mod, batch, None, shape.nq, nk, device=inputs.q.device)
     compiled = _compiled_flex(flex_attention, shape)
+    before = prologue(shape, inputs)
 
     def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return compiled(q, k, v, block_mask=block_mask)
+        return compiled(*before(q, k, v), block_mask=block_mask)
 
     return attn
 
@@ -223,8 +282,10 @@ def naive(shape: Shape, inputs: Inputs, mode: str) -> AttentionFn:
     mask = visible_mask(shape, inputs)
     hidden = None if mask is None else ~mask
     scale = shape.dqk**-0.5
+    before = prologue(shape, inputs)
 
     def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = before(q, k, v)
         scores = torch.einsum("bhic,bhjc->bhij", q * scale, k)
         if hidden is not None:
             scores.masked_fill_(hidden, -torch.finfo(scores.dtype).max)

@@ -34,6 +34,9 @@ class Shape:
     pad_fraction: float = 0.0  # this fraction of each sample's keys is padded, at random positions
     per_sample_lengths: bool = False  # a KV cache filled to a different length per sample
     forward_only: bool = False
+    rotary_dim: int = 0  # rotary on the first rotary_dim channels of q and k
+    left_pad: float = 0.0  # per-sample left padding of up to this fraction of the keys (positions shift too)
+    prefix_dropout: float = 0.0  # Perceiver AR: drop this fraction of the Nk - Nq prefix keys (a kv_index gather)
     note: str = ""
 
     def __post_init__(self):
@@ -53,6 +56,12 @@ class Shape:
             parts.append(f"{self.pad_fraction:.0%} keys padded")
         if self.per_sample_lengths:
             parts.append("per-sample kv_lengths")
+        if self.rotary_dim:
+            parts.append(f"rotary {self.rotary_dim}")
+        if self.left_pad:
+            parts.append("left padding")
+        if self.prefix_dropout:
+            parts.append(f"prefix dropout {self.prefix_dropout:g}")
         return " ".join(parts)
 
     def as_dict(self) -> dict:
@@ -67,24 +76,64 @@ class Shape:
         step = (self.nk // 2) // max(self.batch - 1, 1)
         return torch.tensor([self.nk - b * step for b in range(self.batch)], dtype=torch.int64)
 
+    def left_padding(self) -> torch.Tensor | None:
+        """int64 ``(B,)``: left-padded keys per sample, spread evenly from 0 to ``left_pad * Nk``."""
+        if not self.left_pad:
+            return None
+        most = int(self.left_pad * self.nk)
+        return torch.tensor([b * most // max(self.batch - 1, 1) for b in range(self.batch)], dtype=torch.int64)
+
     def key_padding_mask(self) -> torch.Tensor | None:
-        """bool ``(B, Nk)``, True = padded: exactly ``round(pad_fraction * Nk)`` random keys per sample."""
-        if not self.pad_fraction:
+        """bool ``(B, Nk)``, True = padded: exactly ``round(pad_fraction * Nk)`` random keys per sample,
+        and the left padding."""
+        if not self.pad_fraction and not self.left_pad:
+            return None
+        pad = torch.zeros(self.batch, self.nk, dtype=torch.bool)
+        if self.pad_fraction:
+            g = torch.Generator().manual_seed(MASK_SEED)
+            ranks = torch.rand(self.batch, self.nk, generator=g).argsort(dim=1).argsort(dim=1)
+            pad |= ranks < round(self.pad_fraction * self.nk)
+        if self.left_pad:
+            pad |= torch.arange(self.nk)[None, :] < self.left_padding()[:, None]
+        return pad
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary ``(q_positions, k_positions)`` for left padding (``clamp(arange - n_pad, 0)``, the
+        queries being the last ``Nq``), or None for the op's defaults."""
+        if not (self.rotary_dim and self.left_pad):
+            return None
+        k_positions = (torch.arange(self.nk)[None, :] - self.left_padding()[:, None]).clamp(min=0)
+        return k_positions[:, self.nk - self.nq :], k_positions
+
+    def kv_index(self) -> torch.Tensor | None:
+        """int64 ``(B, Nk')``: prefix dropout keeps ``P - int(p * P)`` random prefix rows (``P = Nk - Nq``,
+        sorted), then every latent row."""
+        if not self.prefix_dropout:
             return None
         g = torch.Generator().manual_seed(MASK_SEED)
-        num_padded = round(self.pad_fraction * self.nk)
-        ranks = torch.rand(self.batch, self.nk, generator=g).argsort(dim=1).argsort(dim=1)
-        return ranks < num_padded
+        prefix = self.nk - self.nq
+        keep = prefix - int(self.prefix_dropout * prefix)
+        latents = torch.arange(prefix, self.nk)
+        rows = [torch.randperm(prefix, generator=g)[:keep].sort().values for _ in range(self.batch)]
+        return torch.stack([torch.cat((r, latents)) for r in rows])
+
+    @property
+    def nk_attended(self) -> int:
+        """Length of the key axis attention runs over: ``Nk'`` with a gather, else ``Nk``."""
+        index = self.kv_index()
+        return self.nk if index is None else index.shape[1]
 
     def kept_keys(self) -> torch.Tensor:
-        """bool ``(B, Nk)``: keys inside ``kv_lengths`` and not padded."""
-        kept = torch.ones(self.batch, self.nk, dtype=torch.bool)
+        """bool ``(B, Nk')`` on the attended key axis: inside ``kv_lengths`` and not padded."""
+        nk = self.nk_attended
+        kept = torch.ones(self.batch, nk, dtype=torch.bool)
         lengths = self.kv_lengths()
         if lengths is not None:
-            kept &= torch.arange(self.nk)[None, :] < lengths[:, None]
+            kept &= torch.arange(nk)[None, :] < lengths[:, None]
         pad = self.key_padding_mask()
         if pad is not None:
-            kept &= ~pad
+            index = self.kv_index()
+            kept &= ~(pad if index is None else pad.gather(1, index))
         return kept
 
     # -- FLOP and byte models ----------------------------------------------------------------------
@@ -98,10 +147,11 @@ class Shape:
         kept = self.kept_keys()
         if not self.causal:
             return int(kept.sum()) * self.nq
+        nk = self.nk_attended
         lengths = self.kv_lengths()
         if lengths is None:
-            lengths = torch.full((self.batch,), self.nk, dtype=torch.int64)
-        j = torch.arange(self.nk)[None, :]
+            lengths = torch.full((self.batch,), nk, dtype=torch.int64)
+        j = torch.arange(nk)[None, :]
         offset = (lengths - self.nq)[:, None]
         seen_by = (self.nq - (j - offset).clamp(min=0)).clamp(0, self.nq)
         return int((seen_by * kept).sum())
@@ -125,7 +175,10 @@ class Shape:
         q, out = bh * self.nq * self.dqk, bh * self.nq * self.dv
         kv_read = kept_rows * (self.dqk + self.dv)
         lse = 4 * bh * self.nq
-        masks = (self.batch * self.nk if self.pad_fraction else 0) + (8 * self.batch if self.per_sample_lengths else 0)
+        masks = (self.batch * self.nk if self.key_padding_mask() is not None else 0) + (
+            8 * self.batch if self.per_sample_lengths else 0
+        )
+        masks += 8 * self.batch * self.nk_attended if self.prefix_dropout else 0
         forward = itemsize * (q + kv_read + out) + lse + masks
         if mode == "fwd":
             return float(forward)
@@ -151,12 +204,32 @@ PERCEIVER_SUITE = (
     Shape("ar-self", 4, 16, 1024, 1024, 64, 64, causal=True, note="Perceiver AR latent self-attention"),
     Shape("ar-d128", 4, 8, 2048, 16384, 128, 128, causal=True),
     Shape("decode", 8, 8, 1, 32768, 64, 64, causal=True, per_sample_lengths=True, forward_only=True),
+    # Perceiver AR features; the other providers rotate and gather with separate PyTorch ops.
+    Shape("ar-cross-rotary", 4, 16, 1024, 8192, 64, 64, causal=True, rotary_dim=32, left_pad=0.25),
+    Shape(
+        "ar-cross-prefix-dropout",
+        4,
+        16,
+        1024,
+        8192,
+        64,
+        64,
+        causal=True,
+        prefix_dropout=0.5,
+        note="half of the 7168 prefix rows gathered: compare with ar-cross",
+    ),  # fmt: skip
+    Shape(
+        "decode-rotary", 8, 8, 1, 32768, 64, 64, causal=True, per_sample_lengths=True, forward_only=True, rotary_dim=32
+    ),  # fmt: skip
 )
 
 QUICK_SUITE = (
     Shape("quick-cross", 2, 2, 32, 256, 32, 48, note="cross-attention, Dqk != Dv"),
     Shape("quick-causal-padded", 2, 2, 64, 256, 32, 32, causal=True, pad_fraction=0.25),
-    Shape("quick-decode", 4, 2, 1, 512, 32, 32, causal=True, per_sample_lengths=True, forward_only=True),
+    Shape("quick-ar", 2, 2, 32, 256, 32, 32, causal=True, rotary_dim=16, left_pad=0.25, prefix_dropout=0.5),
+    Shape(
+        "quick-decode", 4, 2, 1, 512, 32, 32, causal=True, per_sample_lengths=True, forward_only=True, rotary_dim=16
+    ),  # fmt: skip
 )
 
 SUITES = {"perceiver": PERCEIVER_SUITE, "quick": QUICK_SUITE}

@@ -100,6 +100,10 @@ def reference_output(shape: Shape, inputs: Inputs) -> Tensor:
             causal=shape.causal,
             key_padding_mask=inputs.key_padding_mask,
             kv_lengths=inputs.kv_lengths,
+            kv_index=inputs.kv_index,
+            rotary_dim=shape.rotary_dim,
+            q_positions=inputs.q_positions,
+            k_positions=inputs.k_positions,
         )
         out[:, h] = ref[:, :, 0]
     return out

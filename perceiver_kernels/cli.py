@@ -39,6 +39,23 @@ def _check_cases():
         ("Dqk 32 != Dv 160", AttentionCase(batch=2, nq=17, nk=64, dqk=32, dv=160), 0),
         ("head dim 261", AttentionCase(batch=1, nq=17, nk=64, heads=1, dqk=261, dv=261), 0),
         ("permuted (B,H,N,D)", AttentionCase(batch=2, nq=17, nk=64, permuted=True), 0),
+        # Perceiver AR: rotary fused on load, left-padding positions, prefix dropout, decoding.
+        (
+            "rotary, left padding",
+            AttentionCase(batch=2, nq=17, nk=80, causal=True, rotary_dim=16, positions="left-pad"),
+            0,
+        ),
+        (
+            "rotary NeoX, full",
+            AttentionCase(batch=2, nq=17, nk=64, causal=True, rotary_dim=16, rotary_interleaved=False),
+            0,
+        ),
+        ("prefix dropout", AttentionCase(batch=2, nq=17, nk=80, causal=True, rotary_dim=8, prefix_dropout=True), 0),
+        (
+            "decode, kv cache",
+            AttentionCase(batch=3, nq=1, nk=200, causal=True, kv_lengths=(200, 57, 1), rotary_dim=16),
+            3,
+        ),
     ]
 
 

@@ -12,7 +12,7 @@ from .kernels.configs import interpreter_enabled
 from .ops.rotary import rotary
 from .ops.triton_attention import triton_attention
 from .reference import attention_reference
-from .rotary import default_positions, rotary_tables, rotate
+from .rotary import rotary_tables, rotate
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -97,13 +97,6 @@ def attention(
             kv_index=kv_index,
         )
     else:
-        q_rope = k_rope = None
-        if rotary_dim:
-            q_rope, k_rope = _rope_tables(q, k, kv_lengths, kv_index, rotary_dim, q_positions, k_positions, rotary_base)
-            if q.shape[0] == 1 and q_rope.shape[1] > 1:
-                # Per-sample query positions turn a broadcast query differently per sample: expand
-                # (a view) so that each sample's dQ is rotated back before autograd sums them.
-                q = q.expand(k.shape[0], -1, -1, -1)
         out, lse = triton_attention(
             q,
             k,
@@ -112,28 +105,14 @@ def attention(
             key_padding_mask=key_padding_mask,
             kv_lengths=kv_lengths,
             scale=scale,
-            kv_index=kv_index,
-            q_rope=q_rope,
-            k_rope=k_rope,
             rotary_dim=rotary_dim,
+            q_positions=q_positions,
+            k_positions=k_positions,
+            rotary_base=rotary_base,
             rotary_interleaved=rotary_interleaved,
+            kv_index=kv_index,
         )
     return (out, lse) if return_lse else out
-
-
-def _rope_tables(q, k, kv_lengths, kv_index, rotary_dim, q_positions, k_positions, base) -> tuple[Tensor, Tensor]:
-    """``(2, 1 or B, N, rotary_dim / 2)`` float32 cos/sin tables for the queries and the (original) keys."""
-    default_q, default_k = default_positions(
-        k.shape[0], q.shape[1], k.shape[1], kv_lengths if kv_index is None else None, q.device
-    )
-    tables = []
-    for positions in (
-        default_q if q_positions is None else q_positions,
-        default_k if k_positions is None else k_positions,
-    ):
-        cos, sin = rotary_tables(positions, rotary_dim, base)
-        tables.append(torch.stack((cos, sin)))
-    return tables[0], tables[1]
 
 
 def apply_rotary(

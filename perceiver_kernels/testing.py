@@ -37,12 +37,18 @@ class Comparison:
         return self.max_abs_error / self.limit if self.limit > 0 else float("inf")
 
 
-def compare(actual: Tensor, reference: Tensor, naive: Tensor | None = None) -> Comparison:
+def compare(
+    actual: Tensor, reference: Tensor, naive: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Comparison:
     """Judge ``actual`` against a float64 ``reference``.
 
-    ``naive`` is the same computation done in ``actual``'s low precision; it is required for
+    ``dtype`` is the precision of the computation (default ``actual.dtype``): the float32 lse of a
+    float16 attention is judged by the float16 rule, since its inputs (e.g. rotated q and k, rounded
+    to float16 before the matmul, as a naive computation rounds them too) carry float16 error.
+    ``naive`` is the same computation done in that low precision; it is required for
     float16/bfloat16 and ignored otherwise. NaN or inf where the reference is finite always fails.
     """
+    dtype = dtype or actual.dtype
     ref = reference.detach().double()
     act = actual.detach().double()
     if act.shape != ref.shape:
@@ -53,14 +59,14 @@ def compare(actual: Tensor, reference: Tensor, naive: Tensor | None = None) -> C
         return Comparison(float("inf"), 0.0, False)
     err = (act[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
     scale = ref[finite].abs().max().item() if finite.any() else 0.0
-    if actual.dtype in (torch.float32, torch.float64):
-        rtol = FP32_RTOL if actual.dtype == torch.float32 else FP64_RTOL
+    if dtype in (torch.float32, torch.float64):
+        rtol = FP32_RTOL if dtype == torch.float32 else FP64_RTOL
         limit = rtol * max(scale, 1e-30)
     else:
         if naive is None:
-            raise ValueError(f"a naive {actual.dtype} result is needed to judge {actual.dtype}")
+            raise ValueError(f"a naive {dtype} result is needed to judge a {dtype} computation")
         naive_err = (naive.detach().double()[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
-        ulp = torch.finfo(actual.dtype).eps * max(scale, 1e-30)
+        ulp = torch.finfo(dtype).eps * max(scale, 1e-30)
         limit = LOWP_ERROR_FACTOR * naive_err + ulp
     return Comparison(err, limit, err <= limit)
 
@@ -81,6 +87,13 @@ class AttentionCase:
     all_padded_sample: bool = False  # sample 0 has every key padded
     kv_lengths: tuple[int, ...] | None = None
     permuted: bool = False  # q/k/v are (B, H, N, D) tensors permuted to (B, N, H, D)
+    # Perceiver AR
+    rotary_dim: int = 0
+    rotary_interleaved: bool = True
+    # "default": the op's default positions; "left-pad": per-sample left padding (keys padded, and
+    # positions clamp(arange(Nk) - n_pad_b, 0), the queries taking the last Nq); "random": any ints.
+    positions: str = "default"
+    prefix_dropout: bool = False  # kv_index keeping P - int(0.5 P) random prefix rows (P = Nk - Nq), then the latents
 
     def describe(self) -> str:
         parts = [f"B{self.batch}", f"H{self.heads}", f"{self.nq}x{self.nk}", f"D{self.dqk}/{self.dv}"]
@@ -94,6 +107,12 @@ class AttentionCase:
             parts.append("kvlen")
         if self.permuted:
             parts.append("permuted")
+        if self.rotary_dim:
+            parts.append(f"rotary{self.rotary_dim}{'' if self.rotary_interleaved else '-neox'}")
+        if self.positions != "default":
+            parts.append(self.positions)
+        if self.prefix_dropout:
+            parts.append("prefix-dropout")
         return " ".join(parts)
 
 
@@ -123,20 +142,42 @@ def make_inputs(case: AttentionCase, dtype: torch.dtype, device: torch.device | 
         inputs["key_padding_mask"] = mask
     if case.kv_lengths is not None:
         inputs["kv_lengths"] = torch.tensor(case.kv_lengths, device=device, dtype=torch.int32)
+    if case.rotary_dim:
+        inputs.update(rotary_dim=case.rotary_dim, rotary_interleaved=case.rotary_interleaved)
+    if case.positions == "left-pad":
+        num_pad = torch.randint(0, case.nk // 2 + 1, (case.batch,), device=device)
+        key_index = torch.arange(case.nk, device=device)[None, :]
+        inputs["k_positions"] = (key_index - num_pad[:, None]).clamp(min=0)
+        inputs["q_positions"] = inputs["k_positions"][:, case.nk - case.nq :]
+        left_pad = key_index < num_pad[:, None]
+        mask = inputs["key_padding_mask"]
+        inputs["key_padding_mask"] = left_pad if mask is None else mask | left_pad
+    elif case.positions == "random":
+        inputs["q_positions"] = torch.randint(0, 4 * case.nk, (case.batch, case.nq), device=device)
+        inputs["k_positions"] = torch.randint(0, 4 * case.nk, (case.batch, case.nk), device=device)
+    if case.prefix_dropout:
+        prefix = case.nk - case.nq
+        keep = prefix - int(0.5 * prefix)
+        rows = [torch.randperm(prefix, device=device)[:keep].sort().values for _ in range(case.batch)]
+        latents = torch.arange(prefix, case.nk, device=device)
+        inputs["kv_index"] = torch.stack([torch.cat((r, latents)) for r in rows])
     inputs["grad_out"] = torch.randn(case.batch, case.nq, case.heads, case.dv, device=device).to(dtype)
     inputs["grad_lse"] = torch.randn(case.batch, case.heads, case.nq, device=device)
     return inputs
 
 
 def check_case(case: AttentionCase, dtype: torch.dtype, device, attention_fn) -> dict[str, Comparison]:
-    """Run ``attention_fn(q, k, v, causal=..., key_padding_mask=..., kv_lengths=...) -> (out, lse)``
+    """Run ``attention_fn(q, k, v, causal=..., key_padding_mask=..., kv_lengths=..., [rotary and
+    kv_index keywords when the case uses them]) -> (out, lse)``
     forward and backward on fresh random inputs and judge out, lse, dq, dk, dv against the float64
     reference (and, for float16/bfloat16, against the naive computation in that dtype)."""
     from .reference import attention_reference
 
     inputs = make_inputs(case, dtype, device)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    masks = {n: inputs[n] for n in ("causal", "key_padding_mask", "kv_lengths")}
+    options = ("causal", "key_padding_mask", "kv_lengths", "rotary_dim", "rotary_interleaved", "q_positions",
+               "k_positions", "kv_index")  # fmt: skip
+    masks = {n: inputs[n] for n in options if n in inputs}
 
     def run(fn, q, k, v):
         out, lse = fn(q, k, v, **masks)
@@ -161,4 +202,6 @@ def check_case(case: AttentionCase, dtype: torch.dtype, device, attention_fn) ->
             q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_(),
             v.detach().clone().requires_grad_(),
         )  # fmt: skip
-    return {name: compare(results[name], reference[name], naive[name] if naive else None) for name in results}
+    return {
+        name: compare(results[name], reference[name], naive[name] if naive else None, dtype=dtype) for name in results
+    }

@@ -71,6 +71,53 @@ def test_features(name, dtype, device):
     assert_case(FEATURE_CASES[name], dtype, device)
 
 
+# Perceiver AR: latents (the last Nq positions) over the whole sequence, rotary on part of each head,
+# left padding, prefix dropout as a kv_index gather, decoding against a cache with kv_lengths.
+AR = dict(batch=3, nq=17, nk=80, heads=2, dqk=32, dv=32, causal=True)
+AR_CASES = {
+    "rotary-partial": AttentionCase(**AR, rotary_dim=16),
+    "rotary-full": AttentionCase(**AR, rotary_dim=32),
+    "rotary-neox": AttentionCase(**AR, rotary_dim=16, rotary_interleaved=False),
+    "rotary-neox-full": AttentionCase(**AR, rotary_dim=32, rotary_interleaved=False),
+    "rotary-left-pad": AttentionCase(**AR, rotary_dim=16, positions="left-pad"),
+    "rotary-random-positions": AttentionCase(**AR, rotary_dim=8, positions="random", pad_fraction=0.2),
+    "rotary-self-attention": AttentionCase(batch=2, nq=40, nk=40, causal=True, rotary_dim=16, positions="left-pad"),
+    "rotary-cross-not-causal": AttentionCase(batch=2, nq=9, nk=60, rotary_dim=12, rotary_interleaved=False),
+    "rotary-broadcast-query": AttentionCase(batch=3, q_batch=1, nq=9, nk=60, rotary_dim=8, positions="random"),
+    "prefix-dropout": AttentionCase(**AR, prefix_dropout=True),
+    "prefix-dropout-rotary-left-pad": AttentionCase(**AR, rotary_dim=16, positions="left-pad", prefix_dropout=True),
+    "prefix-dropout-padding": AttentionCase(**AR, prefix_dropout=True, pad_fraction=0.3, rotary_dim=16),
+    "prefix-dropout-kv-lengths": AttentionCase(**AR, prefix_dropout=True, kv_lengths=(49, 30, 17), rotary_dim=8),
+    "decode-rotary": AttentionCase(batch=4, nq=1, nk=150, causal=True, kv_lengths=(150, 1, 77, 0), rotary_dim=16),
+    "decode-16-rotary": AttentionCase(batch=2, nq=16, nk=90, causal=True, kv_lengths=(90, 40), rotary_dim=16),
+    "rotary-wide-head": AttentionCase(
+        batch=2,
+        nq=9,
+        nk=40,
+        heads=1,
+        dqk=300,
+        dv=40,
+        causal=True,
+        rotary_dim=200,
+        rotary_interleaved=False,
+        prefix_dropout=True,
+    ),  # fmt: skip
+    "rotary-head-dim-96": AttentionCase(batch=2, nq=17, nk=60, dqk=96, dv=64, causal=True, rotary_dim=96),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(AR_CASES))
+def test_perceiver_ar(name, dtype, device):
+    assert_case(AR_CASES[name], dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["rotary-left-pad", "prefix-dropout-rotary-left-pad", "decode-rotary"])
+def test_perceiver_ar_split_kv(name, dtype, device):
+    assert_case(AR_CASES[name], dtype, device, num_splits=3)
+
+
 SPLIT_CASES = {
     "plain": AttentionCase(batch=2, nq=5, nk=300, heads=2),
     "causal-padding": AttentionCase(batch=3, nq=33, nk=129, causal=True, pad_fraction=0.3, all_padded_sample=True),

@@ -8,12 +8,15 @@ from perceiver_kernels.reference import visible_keys
 
 
 def reference_pairs(shape: Shape) -> int:
+    pad, index = shape.key_padding_mask(), shape.kv_index()
+    if pad is not None and index is not None:
+        pad = pad.gather(1, index)  # padding follows the gathered rows
     mask = visible_keys(
         shape.batch,
         shape.nq,
-        shape.nk,
+        shape.nk_attended,
         causal=shape.causal,
-        key_padding_mask=shape.key_padding_mask(),
+        key_padding_mask=pad,
         kv_lengths=shape.kv_lengths(),
         device="cpu",
     )
@@ -26,6 +29,20 @@ def reference_pairs(shape: Shape) -> int:
 def test_visible_pairs_match_the_reference_mask(nq, nk, causal, pad_fraction, lengths):
     shape = Shape("t", 3, 1, nq, nk, 8, 8, causal=causal, pad_fraction=pad_fraction, per_sample_lengths=lengths)
     assert shape.visible_pairs() == reference_pairs(shape)
+
+
+@pytest.mark.parametrize("left_pad,prefix_dropout", [(0.3, 0.0), (0.0, 0.5), (0.25, 0.5)])
+def test_perceiver_ar_pairs(left_pad, prefix_dropout):
+    shape = Shape("t", 3, 1, 16, 100, 8, 8, causal=True, rotary_dim=4, left_pad=left_pad, prefix_dropout=prefix_dropout)
+    assert shape.visible_pairs() == reference_pairs(shape)
+    if prefix_dropout:
+        index = shape.kv_index()
+        assert index.shape == (3, 84 - int(0.5 * 84) + 16) and (index.diff(dim=1) > 0).all()
+        assert index[:, -16:].tolist() == [list(range(84, 100))] * 3  # every latent row is kept
+    if left_pad:
+        q_positions, k_positions = shape.positions()
+        assert k_positions[0].tolist() == list(range(100)) and k_positions[2, :31].eq(0).all()
+        assert q_positions.tolist() == k_positions[:, 84:].tolist()
 
 
 @pytest.mark.parametrize(
@@ -85,6 +102,9 @@ def test_suites():
         "ar-self",
         "ar-d128",
         "decode",
+        "ar-cross-rotary",
+        "ar-cross-prefix-dropout",
+        "decode-rotary",
     ]
     assert len(SHAPES) == len(PERCEIVER_SUITE) + len(QUICK_SUITE)  # names are unique
     assert SHAPES["decode"].modes == ("fwd",) and SHAPES["ar-cross"].modes == ("fwd", "fwd+bwd")

@@ -36,7 +36,9 @@ def test_check_on_cpu_prints_a_passing_table():
     lines = result.stdout.splitlines()
     assert lines[1].split() == ["case", "backend", "dtype", "worst", "max", "abs", "err", "err/limit", "result"]
     rows = [line for line in lines if line.rstrip().endswith(("pass", "FAIL"))]
-    assert len(rows) == 11 and all(row.rstrip().endswith("pass") for row in rows)
+    from perceiver_kernels.cli import _check_cases
+
+    assert len(rows) == len(_check_cases()) == 15 and all(row.rstrip().endswith("pass") for row in rows)
     assert "Triton CPU interpreter" in lines[0]
     assert lines[-1] == "all passed"
 
@@ -57,8 +59,8 @@ def test_bench_quick_on_cpu_writes_tables_json_and_plots(tmp_path):
     out = result.stdout
     assert "CPU numbers prove the pipeline only" in out
     header = ["provider", "mode", "median ms", "p20-p80 ms", "TFLOP/s", "% mm", "GB/s", "peak MiB", "1st s", "speedup"]
-    assert sum(all(col in line for col in header) for line in out.splitlines()) == 3  # one table per shape
-    for shape in ("quick-cross", "quick-causal-padded", "quick-decode"):
+    assert sum(all(col in line for col in header) for line in out.splitlines()) == 4  # one table per shape
+    for shape in ("quick-cross", "quick-causal-padded", "quick-ar", "quick-decode"):
         assert f"== {shape}:" in out
 
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -68,7 +70,7 @@ def test_bench_quick_on_cpu_writes_tables_json_and_plots(tmp_path):
     rows = {(r["shape"], r["provider"], r["mode"]): r for r in data["rows"]}
     providers = {"triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex", "naive"}
     assert {p for _, p, _ in rows} == providers
-    assert len(rows) == len(providers) * 5  # 3 shapes, the decode forward only
+    assert len(rows) == len(providers) * 7  # 4 shapes, the decode forward only
     for (_, _, mode), r in rows.items():
         assert r["status"] in ("ok", "n/a"), r
         if r["status"] == "ok":
@@ -83,9 +85,10 @@ def test_bench_quick_on_cpu_writes_tables_json_and_plots(tmp_path):
     assert "backward on CPU" in rows[("quick-cross", "flex", "fwd+bwd")]["reason"]
 
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["shape-quick-causal-padded.png", "shape-quick-cross.png", "shape-quick-decode.png", "summary.png"]
+    shapes = ["shape-quick-ar.png", "shape-quick-causal-padded.png", "shape-quick-cross.png", "shape-quick-decode.png"]
+    assert pngs == [*shapes, "summary.png"]
     assert all((tmp_path / name).stat().st_size > 1000 for name in pngs)
-    assert (tmp_path / "bench.md").read_text().count("| quick-") == 5
+    assert (tmp_path / "bench.md").read_text().count("| quick-") == 7
 
 
 @pytest.mark.parametrize(

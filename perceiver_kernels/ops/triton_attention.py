@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import configs
+from ..rotary import default_positions, rotary_tables
 
 
 @torch.library.custom_op("perceiver_kernels::triton_attention_fwd", mutates_args=())
@@ -164,18 +165,32 @@ def triton_attention(
     kv_lengths: Tensor | None = None,
     scale: float,
     num_splits: int = 0,
-    kv_index: Tensor | None = None,
-    q_rope: Tensor | None = None,
-    k_rope: Tensor | None = None,
     rotary_dim: int = 0,
+    q_positions: Tensor | None = None,
+    k_positions: Tensor | None = None,
+    rotary_base: float = 10000.0,
     rotary_interleaved: bool = True,
+    kv_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Differentiable Triton attention returning ``(out, lse)``; arguments as in ``pk.attention``,
-    with the rotary tables already built (``q_rope``/``k_rope``, see ``triton_attention_fwd``).
+    """Differentiable Triton attention returning ``(out, lse)``; arguments as in ``pk.attention``
+    (already validated). Builds the rotary tables and calls the custom op.
 
     ``num_splits`` forces the number of key-axis splits of the forward and of the backward's dQ pass
     (0 = choose from the SM count); tests use it to exercise split-KV on the CPU interpreter.
     """
+    q_rope = k_rope = None
+    if rotary_dim:
+        default_q, default_k = default_positions(
+            k.shape[0], q.shape[1], k.shape[1], kv_lengths if kv_index is None else None, q.device
+        )
+        q_rope, k_rope = (
+            torch.stack(rotary_tables(default if given is None else given, rotary_dim, rotary_base))
+            for default, given in ((default_q, q_positions), (default_k, k_positions))
+        )
+        if q.shape[0] == 1 and q_rope.shape[1] > 1:
+            # Per-sample query positions turn a broadcast query differently per sample: expand it
+            # (a view) so that each sample's dQ is rotated back before autograd sums them.
+            q = q.expand(k.shape[0], -1, -1, -1)
     return torch.ops.perceiver_kernels.triton_attention_fwd(
         q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
         float(scale), num_splits,
