@@ -41,7 +41,9 @@ def test_perceiver_ar_pairs(left_pad, prefix_dropout):
         assert index[:, -16:].tolist() == [list(range(84, 100))] * 3  # every latent row is kept
     if left_pad:
         q_positions, k_positions = shape.positions()
-        assert k_positions[0].tolist() == list(range(100)) and k_positions[2, :31].eq(0).all()
+        most = shape.left_padding()[2]  # the last sample is padded most; its first real key is at 0
+        assert k_positions[0].tolist() == list(range(100)) and k_positions[2, : most + 1].eq(0).all()
+        assert k_positions[2, most + 1] == 1 and shape.key_padding_mask()[2].sum() == most
         assert q_positions.tolist() == k_positions[:, 84:].tolist()
 
 
