@@ -80,19 +80,21 @@ def _restart_with_interpreter(args: argparse.Namespace) -> int | None:
     return subprocess.call([sys.executable, "-m", "perceiver_kernels", args.command, *args.argv])
 
 
-def _device(args: argparse.Namespace) -> str | None:
+def _prepare_device(args: argparse.Namespace) -> tuple[str | None, int | None]:
+    """``(device, None)`` to go on, or ``(None, exit code)``: no GPU for ``--device cuda`` (2), or
+    the exit code of the fresh process that ran the command with the CPU interpreter switched on."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print(f"{args.command}: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
-        return None
-    return device
+        return None, 2
+    if device == "cpu" and (code := _restart_with_interpreter(args)) is not None:
+        return None, code
+    return device, None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    device = _device(args)
+    device, code = _prepare_device(args)
     if device is None:
-        return 2
-    if device == "cpu" and (code := _restart_with_interpreter(args)) is not None:
         return code
     from . import functional
     from .testing import check_case
@@ -177,10 +179,8 @@ def _benchmark_suite():
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    device = _device(args)
+    device, code = _prepare_device(args)
     if device is None:
-        return 2
-    if device == "cpu" and (code := _restart_with_interpreter(args)) is not None:
         return code
     args.device = device
     return _benchmark_suite().run_cli(args)

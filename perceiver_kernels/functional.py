@@ -79,39 +79,15 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     chosen = resolve_backend(backend, q)
+    options = dict(
+        causal=causal, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, scale=scale, rotary_dim=rotary_dim,
+        q_positions=q_positions, k_positions=k_positions, rotary_base=rotary_base,
+        rotary_interleaved=rotary_interleaved, kv_index=kv_index,
+    )  # fmt: skip
     if chosen == "reference":
-        out, lse = attention_reference(
-            q,
-            k,
-            v,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            kv_lengths=kv_lengths,
-            scale=scale,
-            return_lse=True,
-            rotary_dim=rotary_dim,
-            q_positions=q_positions,
-            k_positions=k_positions,
-            rotary_base=rotary_base,
-            rotary_interleaved=rotary_interleaved,
-            kv_index=kv_index,
-        )
+        out, lse = attention_reference(q, k, v, return_lse=True, **options)
     else:
-        out, lse = triton_attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            kv_lengths=kv_lengths,
-            scale=scale,
-            rotary_dim=rotary_dim,
-            q_positions=q_positions,
-            k_positions=k_positions,
-            rotary_base=rotary_base,
-            rotary_interleaved=rotary_interleaved,
-            kv_index=kv_index,
-        )
+        out, lse = triton_attention(q, k, v, **options)
     return (out, lse) if return_lse else out
 
 

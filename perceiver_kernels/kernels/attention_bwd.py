@@ -128,7 +128,7 @@ def _dkdv_query_loop(
             if COMPUTE_DKDQ:
                 dp_t = _scores(
                     v, v_base, do_base, rows, offs_m, n_mask, m_mask, stride_vn, stride_gm, DV,
-                    v_base, 0, 0, v_base, 0, 0, 0,
+                    v_base, 0, 0, v_base, 0, 0, 0,  # no rotary tables: v and dO are not rotated
                     BLOCK_N, BLOCK_M, BLOCK_DV, NUM_DV, False, INTERLEAVED, DOT_PRECISION, ACC_DTYPE,
                 )  # fmt: skip
         if COMPUTE_DV:
