@@ -96,7 +96,10 @@ def forward_config(
         return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
     widest = max(head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block)
     if num_queries is not None and num_queries <= DECODE_MAX_QUERIES:
-        return LaunchConfig(block_m=16, block_n=128 if widest <= 128 else 64, num_warps=4, num_stages=3)
+        # 128-key steps only where three stages of K and V tiles stay well inside shared memory.
+        if widest <= 64:
+            return LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
+        return LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=2)
     if widest <= 64:
         return LaunchConfig(block_m=128, block_n=64, num_warps=4 if causal else 8, num_stages=3)
     if widest <= 128:
