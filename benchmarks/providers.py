@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import perceiver_kernels as pk
+from perceiver_kernels.reference import visible_keys
 
 from .shapes import Shape
 
@@ -77,32 +78,15 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, se
 
 
 def visible_mask(shape: Shape, inputs: Inputs) -> Tensor | None:
-    """bool, broadcastable to ``(B, H, Nq, Nk')`` on the attended key axis, True = the query sees the
-    key; None = all visible.
-
-    Kept as small as the mask allows: ``(B, 1, 1, Nk)`` for padding, ``(1, 1, Nq, Nk)`` for a causal
-    mask shared by the batch, ``(B, 1, Nq, Nk)`` only when lengths differ per sample.
-    """
-    device = inputs.q.device
-    nk = shape.nk_attended
-    mask = None
+    """The reference's mask on the attended key axis (as small as the masks allow, broadcastable to
+    ``(B, H, Nq, Nk')``), True = the query sees the key; None when every key is visible."""
     pad = inputs.attended_padding
-    if pad is not None:
-        mask = ~pad[:, None, None, :]
-    lengths = inputs.kv_lengths
-    if lengths is not None or shape.causal:
-        key = torch.arange(nk, device=device)
-        query = torch.arange(shape.nq, device=device)[:, None]
-        if lengths is None:
-            seen = key <= query + (nk - shape.nq)
-            seen = seen[None, None]
-        else:
-            length = lengths[:, None, None, None]
-            seen = key < length
-            if shape.causal:
-                seen = seen & (key <= query + length - shape.nq)
-        mask = seen if mask is None else mask & seen
-    return mask
+    if not shape.causal and pad is None and inputs.kv_lengths is None:
+        return None
+    return visible_keys(
+        shape.batch, shape.nq, shape.nk_attended, causal=shape.causal, key_padding_mask=pad,
+        kv_lengths=inputs.kv_lengths, device=inputs.q.device,
+    )  # fmt: skip
 
 
 def _require_memory(shape: Shape, inputs: Inputs, mode: str, bytes_per_score: int) -> None:

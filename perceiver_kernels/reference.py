@@ -27,23 +27,23 @@ def visible_keys(
     kv_lengths: Tensor | None,
     device: torch.device,
 ) -> Tensor:
-    """Boolean ``(B, 1, Nq, Nk)`` mask, True where query ``i`` of sample ``b`` may see key ``j``."""
+    """Boolean mask, broadcastable to ``(B, 1, Nq, Nk)``, True where query ``i`` of sample ``b`` may see
+    key ``j``. As small as the masks allow (it also serves as the benchmarks' SDPA mask):
+    ``(B, 1, 1, Nk)`` for padding or lengths alone, ``(1, 1, Nq, Nk)`` for a causal mask shared by the
+    batch, ``(B, 1, Nq, Nk)`` where per-sample lengths meet the causal mask."""
     key_index = torch.arange(num_keys, device=device)
+    visible = torch.ones(1, 1, 1, num_keys, dtype=torch.bool, device=device)
+    lengths: Tensor | int = num_keys
     if kv_lengths is not None:
-        lengths = kv_lengths.to(device=device, dtype=torch.long)  # (B,)
-    else:
-        lengths = torch.full((batch,), num_keys, device=device, dtype=torch.long)
-    visible = key_index[None, None, :] < lengths[:, None, None]  # (B, 1, Nk)
+        lengths = kv_lengths.to(device=device, dtype=torch.long)[:, None, None, None]  # (B, 1, 1, 1)
+        visible = visible & (key_index < lengths)
     if key_padding_mask is not None:
-        visible = visible & ~key_padding_mask[:, None, :].to(device)
-    visible = visible.expand(batch, num_queries, num_keys)
+        visible = visible & ~key_padding_mask[:, None, None, :].to(device)
     if causal:
         # Bottom-right alignment: the last query row lines up with the last valid key of its sample.
-        query_index = torch.arange(num_queries, device=device)
-        offset = lengths - num_queries  # (B,)
-        limit = query_index[None, :, None] + offset[:, None, None]  # (B, Nq, 1)
-        visible = visible & (key_index[None, None, :] <= limit)
-    return visible[:, None]  # (B, 1, Nq, Nk)
+        query_index = torch.arange(num_queries, device=device)[:, None]
+        visible = visible & (key_index <= query_index + lengths - num_queries)
+    return visible
 
 
 def attention_reference(

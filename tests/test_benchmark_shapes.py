@@ -20,7 +20,7 @@ def reference_pairs(shape: Shape) -> int:
         kv_lengths=shape.kv_lengths(),
         device="cpu",
     )
-    return int(mask.sum())
+    return int(mask.expand(shape.batch, 1, shape.nq, shape.nk_attended).sum())
 
 
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 9), (5, 9), (9, 9), (12, 9), (64, 1000)])

@@ -62,7 +62,7 @@ def test_apply_rotary_kernel_matches_reference(interleaved, dtype, device):
     torch.testing.assert_close(g_out, g_ref, rtol=0, atol=torch.finfo(dtype).eps * 4 * g_ref.abs().max().item())
 
 
-def test_apply_rotary_gradcheck_and_compile(device):
+def test_apply_rotary_gradcheck_and_opcheck(device):
     x = torch.randn(2, 5, 1, 8, device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
     positions = torch.tensor([[3, 4, 5, 6, 7]], device=device)
     if device.type == "cpu":

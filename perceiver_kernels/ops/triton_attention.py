@@ -180,9 +180,11 @@ def triton_attention(
     """
     q_rope = k_rope = None
     if rotary_dim:
-        default_q, default_k = default_positions(
-            k.shape[0], q.shape[1], k.shape[1], kv_lengths if kv_index is None else None, q.device
-        )
+        default_q = default_k = None
+        if q_positions is None or k_positions is None:
+            default_q, default_k = default_positions(
+                k.shape[0], q.shape[1], k.shape[1], kv_lengths if kv_index is None else None, q.device
+            )
         q_rope, k_rope = (
             torch.stack(rotary_tables(default if given is None else given, rotary_dim, rotary_base))
             for default, given in ((default_q, q_positions), (default_k, k_positions))
