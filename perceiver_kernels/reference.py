@@ -63,6 +63,7 @@ def attention_reference(
     rotary_base: float = 10000.0,
     rotary_interleaved: bool = True,
     kv_index: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Perceiver attention computed with plain PyTorch ops (differentiable).
 
@@ -85,6 +86,9 @@ def attention_reference(
         kv_index: int64 ``(B, Nk')``: attend only to these key rows of each sample (sorted, unique).
             Keys keep their own positions and padding flags; ``causal`` and ``kv_lengths`` then refer
             to the gathered axis of length ``Nk'``.
+        dropout_p: dropout on the attention probabilities (perceiver-io's attention ``dropout``; the
+            fused kernels have none, so the model layer trains with it through this path). The lse is
+            that of the probabilities before dropout.
 
     Returns:
         ``(B, Nq, H, Dv)`` in q's dtype, and the lse when ``return_lse``.
@@ -138,6 +142,8 @@ def attention_reference(
     empty = row_sum == 0
     safe_sum = torch.where(empty, torch.ones_like(row_sum), row_sum)
     probs = weights / safe_sum
+    if dropout_p:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute_dtype)).to(q.dtype)
     if not return_lse:
         return out

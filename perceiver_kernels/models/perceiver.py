@@ -1,0 +1,195 @@
+"""Perceiver / Perceiver IO: encoder with weight-shared cross-attention layers and self-attention blocks,
+and a cross-attention decoder."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .adapters import InputAdapter, OutputAdapter, QueryProvider, TrainableQueryProvider
+from .attention import check_backend
+from .layers import CrossAttentionLayer, SelfAttentionBlock, init_parameters, maybe_checkpoint
+from .shared import run_shared_chain
+
+
+class PerceiverEncoder(nn.Module):
+    """Perceiver IO encoder: latents ``(N, D)`` cross-attend to the adapted input, then self-attend.
+
+    Weight sharing is module reuse (perceiver-io's semantics): cross-attention layers 2..P are one
+    module, which is the first one too when ``first_cross_attention_layer_shared``; self-attention
+    blocks 2..L are one module, the first one too when ``first_self_attention_block_shared``. The
+    forward runs CA1, SA1, then for ``i in 1..L-1`` a cross-attention if ``i < P``, then a
+    self-attention block. Only the cross-attention sees ``pad_mask``.
+
+    Runs of self-attention blocks between cross-attentions go through :func:`run_shared_chain` when
+    gradients are needed and a block repeats (``shared_block_execution``): activations of a repetition
+    are recomputed in backward and each shared weight's gradient is one GEMM over all repetitions.
+
+    Args (perceiver-io's vocabulary): ``input_adapter``, ``num_latents`` (N), ``num_latent_channels``
+    (D), ``num_cross_attention_heads``, ``num_cross_attention_qk_channels``,
+    ``num_cross_attention_v_channels``, ``num_cross_attention_layers`` (P, ``0 < P <= L``),
+    ``first_cross_attention_layer_shared``, ``cross_attention_widening_factor``,
+    ``num_self_attention_heads``, ``num_self_attention_qk_channels``, ``num_self_attention_v_channels``,
+    ``num_self_attention_layers_per_block``, ``num_self_attention_blocks`` (L),
+    ``first_self_attention_block_shared``, ``self_attention_widening_factor``, ``dropout`` (attention
+    probabilities), ``residual_dropout``, ``init_scale``, ``activation_checkpointing``; plus
+    ``shared_block_execution`` and ``backend``.
+
+    ``forward(x, pad_mask=None)``: ``x`` whatever the adapter takes, adapted to ``(B, M, C)``;
+    ``pad_mask`` bool ``(B, M)``, True = padding. Returns the latents ``(B, N, D)``.
+    """
+
+    def __init__(
+        self,
+        input_adapter: InputAdapter,
+        num_latents: int,
+        num_latent_channels: int,
+        num_cross_attention_heads: int = 4,
+        num_cross_attention_qk_channels: int | None = None,
+        num_cross_attention_v_channels: int | None = None,
+        num_cross_attention_layers: int = 1,
+        first_cross_attention_layer_shared: bool = False,
+        cross_attention_widening_factor: int = 1,
+        num_self_attention_heads: int = 4,
+        num_self_attention_qk_channels: int | None = None,
+        num_self_attention_v_channels: int | None = None,
+        num_self_attention_layers_per_block: int = 6,
+        num_self_attention_blocks: int = 1,
+        first_self_attention_block_shared: bool = True,
+        self_attention_widening_factor: int = 1,
+        dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        init_scale: float = 0.02,
+        activation_checkpointing: bool = False,
+        shared_block_execution: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(num_cross_attention_layers, int) or num_cross_attention_layers <= 0:
+            raise ValueError(f"num_cross_attention_layers must be a positive int, got {num_cross_attention_layers!r}")
+        if not isinstance(num_self_attention_blocks, int) or num_self_attention_blocks <= 0:
+            raise ValueError(f"num_self_attention_blocks must be a positive int, got {num_self_attention_blocks!r}")
+        if num_cross_attention_layers > num_self_attention_blocks:
+            raise ValueError(
+                f"num_cross_attention_layers ({num_cross_attention_layers}) must be <= num_self_attention_blocks "
+                f"({num_self_attention_blocks}): each cross-attention is followed by a self-attention block"
+            )
+        check_backend(backend)
+        self.input_adapter = input_adapter
+        self.num_cross_attention_layers = num_cross_attention_layers
+        self.num_self_attention_blocks = num_self_attention_blocks
+        self.first_cross_attention_layer_shared = first_cross_attention_layer_shared
+        self.first_self_attention_block_shared = first_self_attention_block_shared
+        self.activation_checkpointing = activation_checkpointing
+        self.shared_block_execution = shared_block_execution
+
+        def cross_attn() -> CrossAttentionLayer:
+            return CrossAttentionLayer(
+                num_cross_attention_heads, num_latent_channels, input_adapter.num_input_channels,
+                num_cross_attention_qk_channels, num_cross_attention_v_channels,
+                widening_factor=cross_attention_widening_factor, dropout=dropout,
+                residual_dropout=residual_dropout, backend=backend,
+            )  # fmt: skip
+
+        def self_attn() -> SelfAttentionBlock:
+            return SelfAttentionBlock(
+                num_self_attention_layers_per_block, num_self_attention_heads, num_latent_channels,
+                num_self_attention_qk_channels, num_self_attention_v_channels,
+                widening_factor=self_attention_widening_factor, dropout=dropout,
+                residual_dropout=residual_dropout, activation_checkpointing=activation_checkpointing,
+                backend=backend,
+            )  # fmt: skip
+
+        self.latent_provider = TrainableQueryProvider(num_latents, num_latent_channels, init_scale)
+        self.cross_attn_1 = cross_attn()
+        self.self_attn_1 = self_attn()
+        if self.extra_cross_attention_layer:
+            self.cross_attn_n = cross_attn()
+        if self.extra_self_attention_block:
+            self.self_attn_n = self_attn()
+        init_parameters(self, init_scale)
+
+    @property
+    def extra_cross_attention_layer(self) -> bool:
+        return self.num_cross_attention_layers > 1 and not self.first_cross_attention_layer_shared
+
+    @property
+    def extra_self_attention_block(self) -> bool:
+        return self.num_self_attention_blocks > 1 and not self.first_self_attention_block_shared
+
+    def forward(self, x, pad_mask: Tensor | None = None, return_adapted_input: bool = False):
+        x_adapted = self.input_adapter(x)
+        cross_attn_n = self.cross_attn_n if self.extra_cross_attention_layer else self.cross_attn_1
+        self_attn_n = self.self_attn_n if self.extra_self_attention_block else self.self_attn_1
+
+        def cross_attend(layer: CrossAttentionLayer, latents: Tensor) -> Tensor:
+            return maybe_checkpoint(layer, self.activation_checkpointing, latents, x_adapted, pad_mask=pad_mask)
+
+        latents = cross_attend(self.cross_attn_1, self.latent_provider())  # the (1, N, D) latents broadcast
+        chain = [self.self_attn_1]
+        for i in range(1, self.num_self_attention_blocks):
+            if i < self.num_cross_attention_layers:
+                latents = cross_attend(cross_attn_n, self._self_attend(chain, latents))
+                chain = []
+            chain.append(self_attn_n)
+        latents = self._self_attend(chain, latents)
+        return (latents, x_adapted) if return_adapted_input else latents
+
+    def _self_attend(self, chain: list[nn.Module], latents: Tensor) -> Tensor:
+        """Consecutive self-attention blocks; weight-shared execution where a block repeats."""
+        repeats = len({id(block) for block in chain}) < len(chain)
+        if self.shared_block_execution and repeats:
+            return run_shared_chain(chain, latents)
+        for block in chain:
+            latents = block(latents)
+        return latents
+
+
+class PerceiverDecoder(nn.Module):
+    """Perceiver IO decoder: output queries ``(1|B, O, F)`` cross-attend to the latents ``(B, N, D)``;
+    ``forward(x, **kwargs) -> output_adapter(output (B, O, F), **kwargs)``."""
+
+    def __init__(
+        self,
+        output_adapter: OutputAdapter,
+        output_query_provider: QueryProvider,
+        num_latent_channels: int,
+        num_cross_attention_heads: int = 4,
+        num_cross_attention_qk_channels: int | None = None,
+        num_cross_attention_v_channels: int | None = None,
+        cross_attention_widening_factor: int = 1,
+        cross_attention_residual: bool = True,
+        dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        init_scale: float = 0.02,
+        activation_checkpointing: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.output_query_provider = output_query_provider
+        self.output_adapter = output_adapter
+        self.activation_checkpointing = activation_checkpointing
+        self.cross_attn = CrossAttentionLayer(
+            num_cross_attention_heads, output_query_provider.num_query_channels, num_latent_channels,
+            num_cross_attention_qk_channels, num_cross_attention_v_channels,
+            widening_factor=cross_attention_widening_factor, dropout=dropout, residual_dropout=residual_dropout,
+            attention_residual=cross_attention_residual, backend=backend,
+        )  # fmt: skip
+        init_parameters(self.cross_attn, init_scale)
+        init_parameters(self.output_adapter, init_scale)
+
+    def forward(self, x: Tensor, **kwargs):
+        output_query = self.output_query_provider(x)
+        output = maybe_checkpoint(self.cross_attn, self.activation_checkpointing, output_query, x)
+        return self.output_adapter(output, **kwargs)
+
+
+class PerceiverIO(nn.Module):
+    """``decoder(encoder(x, pad_mask))``."""
+
+    def __init__(self, encoder: PerceiverEncoder, decoder: PerceiverDecoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, x, pad_mask: Tensor | None = None, **kwargs):
+        return self.decoder(self.encoder(x, pad_mask=pad_mask), **kwargs)
