@@ -16,13 +16,15 @@ in ``L`` small GEMMs that accumulate into ``.grad``. :func:`run_shared_chain` gi
   each bias / LayerNorm parameter one reduction over rows. Other parameters (a learned scale, an
   embedding, ...) get ordinary autograd gradients per application, summed.
 
-The price of the single GEMM: the recorded rows of all applications are alive together at the end of
-backward, roughly ``sum over applications of (Linear inputs + output grads)`` plus one concatenated copy
-per parameter while its GEMM runs. That is about what plain autograd keeps for its saved Linear inputs
-at the peak of an ordinary backward, but it is no longer freed step by step as backward proceeds, so
-this trades fewer, larger GEMMs and no stored intra-block activations against holding those rows
-until the end. The rows are recorded in the computation's dtype (bfloat16 under autocast) and the
-final GEMM / reductions accumulate in the parameter's dtype.
+The price of the single GEMM, honestly: the recorded rows of all applications are alive together at
+the end of backward, ``sum over applications of (Linear inputs + Linear output grads)`` (plus the
+LayerNorm rows), and one concatenated copy of a parameter's rows while its GEMM runs. The Linear inputs
+alone are what plain autograd saves for the whole chain anyway; the output grads on top are something
+plain autograd never holds at once, so backward's peak can exceed plain reuse's. What is saved is the
+rest of each block's activations between forward and backward (attention, GELU, dropout, residual
+intermediates) and ``L - 1`` GEMMs per shared weight; the recomputation costs one extra forward. The rows
+are recorded in the computation's dtype (bfloat16 under autocast); the final GEMM and reductions
+accumulate in the parameter's dtype.
 
 Limits: modules are patched in place during backward (instance ``forward`` of the Linear/LayerNorm
 modules, always restored), so the same modules must not run concurrently in another thread while a
