@@ -216,14 +216,14 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_perceiver_io_triton_matches_reference():
-    """Triton (CPU interpreter here) vs reference: outputs and every gradient, with key padding."""
+def test_perceiver_io_triton_matches_reference(device):
+    """Triton (the CPU interpreter without a GPU) vs reference: outputs and every gradient, with key padding."""
     torch.manual_seed(4)
-    ref = make_classifier("reference", num_self_attention_blocks=2, num_cross_attention_layers=2)
-    tri = make_classifier("triton", num_self_attention_blocks=2, num_cross_attention_layers=2)
+    ref = make_classifier("reference", num_self_attention_blocks=2, num_cross_attention_layers=2).to(device)
+    tri = make_classifier("triton", num_self_attention_blocks=2, num_cross_attention_layers=2).to(device)
     tri.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 9, 6)
-    pad = torch.zeros(2, 9, dtype=torch.bool)
+    x = torch.randn(2, 9, 6, device=device)
+    pad = torch.zeros(2, 9, dtype=torch.bool, device=device)
     pad[1, 4:] = True
     outs = []
     for model in (ref, tri):
@@ -266,20 +266,21 @@ def left_padded_prompt(vocab: int, batch: int, length: int, pads: list[int]):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_kv_cache_decoding_equals_full_forward(backend):
+def test_kv_cache_decoding_equals_full_forward(backend, device):
     """Every decoded step's logits equal a full forward of the same sequence (float32, 1e-5), while the
     latent window grows and after it is full (the prefix grows), with left padding and rotary."""
     cfg = tiny_ar_config(num_self_attention_rotary_layers=-1 if backend == "reference" else 1)
-    model = CausalSequenceModel(cfg, backend=backend).eval()
+    model = CausalSequenceModel(cfg, backend=backend).to(device).eval()
     steps = 9 if backend == "reference" else 5
     x, pad_mask = left_padded_prompt(cfg.vocab_size, 3, 7, pads=[0, 2, 5])
+    x, pad_mask = x.to(device), pad_mask.to(device)
     prefix_len = 5
     hidden, cache = model.perceiver_ar.prefill(x, prefix_len, cfg.max_latents, cfg.max_seq_len, pad_mask)
     torch.testing.assert_close(model.logits(hidden), model(x, prefix_len, pad_mask), rtol=1e-5, atol=1e-5)
     seq = x
     slid = False
     for _ in range(steps):
-        token = torch.randint(0, cfg.vocab_size, (3, 1))
+        token = torch.randint(0, cfg.vocab_size, (3, 1), device=device)
         hidden = model.perceiver_ar.step(token, cache)
         seq = torch.cat([seq, token], dim=1)
         pad_mask = torch.cat([pad_mask, torch.zeros_like(token, dtype=torch.bool)], dim=1)
