@@ -2,17 +2,21 @@
 
 from .functional import BACKENDS, apply_rotary, attention, backend_unavailable_reason, resolve_backend
 from .kv_cache import append_to_cache
+from .patching import PatchReport, patch, unpatch
 from .reference import attention_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "PatchReport",
     "__version__",
     "append_to_cache",
     "apply_rotary",
     "attention",
     "attention_reference",
     "backend_unavailable_reason",
+    "patch",
     "resolve_backend",
+    "unpatch",
 ]

@@ -5,7 +5,8 @@ covers the op's features and prints one row per (case, backend, dtype). On a mac
 runs the Triton kernels through Triton's CPU interpreter on small shapes.
 
 ``bench`` runs the benchmark suite of the source tree's ``benchmarks/`` folder (ours next to PyTorch
-SDPA, FlexAttention and naive attention on Perceiver-shaped problems); on CPU the ``quick`` suite.
+SDPA, FlexAttention and naive attention on Perceiver-shaped problems, then model-level training steps);
+on CPU the ``quick`` suite.
 """
 
 from __future__ import annotations
@@ -208,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         "--providers",
         type=_names,
         help="comma-separated: triton,cuda,sdpa-flash,sdpa-cudnn,sdpa-efficient,sdpa-math,flex,naive "
-        "(default: all; our backends when available)",
+        "(default: all; our backends when available); the model entries always run all their variants",
     )
-    bench.add_argument("--shapes", type=_names, help="comma-separated subset of the suite's shapes")
+    bench.add_argument(
+        "--shapes",
+        type=_names,
+        help="comma-separated subset of the suite's shapes and model entries (shared-blocks, model-ar-train)",
+    )
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     bench.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), help="default: bfloat16 on a GPU, float32 on CPU"
