@@ -5,6 +5,10 @@ Works on a live result (``suite.run_suite``) or a saved one::
     python -m benchmarks.report benchmarks/results/<run>/bench.json [--out DIR]
 
 prints the tables and, with ``--out``, writes ``bench.txt``, ``bench.md`` and the PNG plots there.
+
+Model-level rows (``kind: "model"``, one per entry, batch and variant; ``models.py``) get their own
+tables, markdown table and ``model-<entry>.png``; the attention tables and ``summary.png`` are the
+attention rows'.
 """
 
 from __future__ import annotations
@@ -17,26 +21,38 @@ from pathlib import Path
 from .shapes import SHAPES
 
 OURS_COLOR, OTHER_COLOR = "#d95f02", "#7570b3"
+OTHER_COLORS = (OTHER_COLOR, "#1b9e77", "#e7298a", "#66a61e", "#e6ab02")  # model plots: one per other variant
 
 
 def display_name(row: dict) -> str:
     return f"{row['provider']} (ours)" if row["ours"] else row["provider"]
 
 
-def add_speedups(results: dict) -> None:
-    """Each ok row gets ``speedup`` = (best other provider's median) / (its median), per shape and mode.
+def is_model(row_or_shape: dict) -> bool:
+    """A model-level row or entry (``models.py``), not an attention one."""
+    return row_or_shape.get("kind") == "model"
 
-    "Other" is every provider that is not ours and whose output agreed with the reference.
+
+def add_speedups(results: dict) -> None:
+    """Each ok row gets ``speedup`` = (best other provider's median) / (its median), per shape and mode
+    (and batch, for model rows).
+
+    "Other" is every provider that is not ours and whose output agreed with the reference. Model rows
+    also get ``peak_ratio`` = (their peak memory) / (that best other's), where both were measured.
     """
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for row in results["rows"]:
-        groups.setdefault((row["shape"], row["mode"]), []).append(row)
+        groups.setdefault((row["shape"], row["mode"], row.get("batch")), []).append(row)
     for rows in groups.values():
         others = [r for r in rows if not r["ours"] and r["status"] == "ok"]
         best = min(others, key=lambda r: r["ms"]) if others else None
         for row in rows:
             row["best_other"] = best["provider"] if best else None
             row["speedup"] = best["ms"] / row["ms"] if best and row["status"] == "ok" else None
+            if is_model(row):
+                peaks = (row.get("peak_mib"), best.get("peak_mib") if best else None)
+                ok = row["status"] == "ok" and None not in peaks and peaks[1] > 0
+                row["peak_ratio"] = peaks[0] / peaks[1] if ok else None
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -55,9 +71,20 @@ def _rate(value) -> str:
 def row_line(row: dict) -> str:
     """One line per measurement, printed while the suite runs."""
     head = f"{row['shape']:20s} {display_name(row):16s} {row['mode']:8s}"
+    if is_model(row):
+        head = f"{row['shape']:20s} {display_name(row):19s} B{row['batch']:<4d} {row['mode']:8s}"
     if row["status"] != "ok":
         return f"{head} {row['status']} ({row.get('reason', '')})"
+    if is_model(row):
+        return f"{head} {row['ms']:9.3f} ms {_count(row['throughput'])} {row['throughput_unit']}"
     return f"{head} {row['ms']:9.4f} ms {_rate(row.get('tflops')):>7s} TFLOP/s"
+
+
+def _count(value) -> str:
+    """Throughputs: thousands separated, no decimals from 100 up."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 COLUMNS = ("provider", "mode", "median ms", "p20-p80 ms", "TFLOP/s", "% mm", "GB/s", "peak MiB", "1st s", "speedup")
@@ -87,6 +114,10 @@ def text_report(results: dict) -> str:
     shapes = {s["name"]: s for s in results.get("shapes", [])}
     for shape_name in dict.fromkeys(r["shape"] for r in results["rows"]):
         shape = shapes.get(shape_name, {})
+        shape_rows = [r for r in results["rows"] if r["shape"] == shape_name]
+        if is_model(shape) or any(is_model(r) for r in shape_rows):
+            lines += ["", *_model_table({"name": shape_name, **shape}, shape_rows)]
+            continue
         lines += ["", f"== {shape_name}: {shape.get('description', '')}"]
         flops = ", ".join(f"{m} {f / 1e9:.4g} GFLOP" for m, f in shape.get("flops", {}).items())
         if flops:
@@ -114,6 +145,54 @@ def text_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+MODEL_COLUMNS = ("variant", "batch", "median ms", "p20-p80 ms", "{unit}", "peak MiB", "1st s", "out diff",
+                 "grad diff", "speedup", "peak x")  # fmt: skip
+MODEL_WIDTHS = (20, 5, 10, 19, 14, 9, 7, 8, 9, 8, 6)
+
+
+def _model_table(shape: dict, rows: list[dict]) -> list[str]:
+    """A model entry: one line per (batch, variant); diffs against the anchor, speedup and peak memory
+    against the best other variant."""
+    unit = shape.get("throughput_unit", "throughput")
+    header = tuple(c.format(unit=unit) for c in MODEL_COLUMNS)
+
+    def line(cells) -> str:
+        return "  ".join(
+            f"{c:<{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(cells, MODEL_WIDTHS, strict=True))
+        )
+
+    lines = [f"== {shape['name']}: {shape.get('description', '')}"]
+    if shape.get("note"):
+        lines.append(f"   {shape['note']}")
+    anchor = shape.get("anchor")
+    lines.append(
+        f"   diffs against {anchor} (the anchor, marked *): out diff = max |out - anchor| / max |anchor|, grad diff = "
+        "relative L2 of all parameter gradients; peak x = peak memory / the best other's"
+    )
+    lines.append(line(header))
+    for row in rows:
+        name = display_name(row) + (" *" if row.get("anchor") else "")
+        if row["status"] not in ("ok",):
+            lines.append(f"{name:<20s}  {row['batch']:>5d}  {row['status']} ({row.get('reason', '')})")
+            continue
+        spread = f"{_fmt(row.get('p20_ms'), '.3f')}-{_fmt(row.get('p80_ms'), '.3f')}"
+        cells = (
+            name,
+            str(row["batch"]),
+            f"{row['ms']:.3f}",
+            spread,
+            _count(row.get("throughput")),
+            _fmt(row.get("peak_mib"), ".0f"),
+            _fmt(row.get("first_call_s"), ".2f"),
+            _fmt(row.get("max_rel_diff"), ".1e"),
+            _fmt(row.get("grad_rel_diff"), ".1e"),
+            _fmt(row.get("speedup"), ".2f", "") + ("x" if row.get("speedup") is not None else ""),
+            _fmt(row.get("peak_ratio"), ".2f", ""),
+        )
+        lines.append(line(cells))
+    return lines
+
+
 def _title(results: dict) -> str:
     device = results["device"]
     v = results["versions"]
@@ -131,7 +210,7 @@ def markdown_summary(results: dict) -> str:
         "| shape | pass | ours | ms | TFLOP/s | % of matmul | best other | its ms | speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = results["rows"]
+    rows = [r for r in results["rows"] if not is_model(r)]
     by_key = {(r["shape"], r["mode"], r["provider"]): r for r in rows}
     for row in rows:
         if not row["ours"]:
@@ -147,14 +226,37 @@ def markdown_summary(results: dict) -> str:
             f"| {row['shape']} | {row['mode']} | {row['provider']} | {row['ms']:.3f} | {_rate(row.get('tflops'))} "
             f"| {_fmt(row.get('matmul_pct'), '.0f')} | {best_cells} | {speedup} |"
         )
+    model_rows = [r for r in results["rows"] if is_model(r)]
+    if model_rows:
+        lines += ["", *_model_markdown(model_rows)]
     return "\n".join(lines)
+
+
+def _model_markdown(rows: list[dict]) -> list[str]:
+    """Every model row: its time, throughput, peak memory, and both against the best other variant."""
+    lines = [
+        "| model entry | batch | variant | ms | throughput | peak MiB | speedup | peak memory ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        head = f"| {row['shape']} | {row['batch']} | {display_name(row)}"
+        if row["status"] != "ok":
+            lines.append(f"{head} | {row['status']} | | | | |")
+            continue
+        speedup = _fmt(row.get("speedup"), ".2f", "-") + ("x" if row.get("speedup") is not None else "")
+        lines.append(
+            f"{head} | {row['ms']:.3f} | {_count(row.get('throughput'))} {row['throughput_unit']} "
+            f"| {_fmt(row.get('peak_mib'), '.0f')} | {speedup} | {_fmt(row.get('peak_ratio'), '.2f')} |"
+        )
+    return lines
 
 
 # -- plots -------------------------------------------------------------------------------------------
 
 
 def write_plots(results: dict, out_dir: Path) -> list[Path]:
-    """``shape-<name>.png`` (TFLOP/s by provider, one panel per mode) and ``summary.png``."""
+    """``shape-<name>.png`` (TFLOP/s by provider, one panel per mode) and ``summary.png`` for the
+    attention shapes, ``model-<name>.png`` for the model entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +265,11 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     shapes = {s["name"]: s for s in results.get("shapes", [])}
-    for shape_name in dict.fromkeys(r["shape"] for r in results["rows"]):
+    for shape_name in dict.fromkeys(r["shape"] for r in results["rows"] if is_model(r)):
+        rows = [r for r in results["rows"] if r["shape"] == shape_name]
+        written.append(_model_plot(shapes.get(shape_name, {"name": shape_name}), rows, results, out_dir, plt))
+    attention_names = list(dict.fromkeys(r["shape"] for r in results["rows"] if not is_model(r)))
+    for shape_name in attention_names:
         rows = [r for r in results["rows"] if r["shape"] == shape_name]
         modes = list(dict.fromkeys(r["mode"] for r in rows))
         providers = list(dict.fromkeys(display_name(r) for r in rows))
@@ -190,8 +296,55 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    written.append(_summary_plot(results, out_dir, plt))
+    if attention_names or not results["rows"]:
+        written.append(_summary_plot(results, out_dir, plt))
     return written
+
+
+def _model_plot(shape: dict, rows: list[dict], results: dict, out_dir: Path, plt) -> Path:
+    """Throughput and peak memory by batch, one bar per variant (peak memory: GPU only)."""
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    variants = list(dict.fromkeys(display_name(r) for r in rows))
+    by_key = {(r["batch"], display_name(r)): r for r in rows}
+    has_peak = any(r.get("peak_mib") is not None for r in rows)
+    panels = [("throughput", shape.get("throughput_unit", "throughput"))]
+    if has_peak:
+        panels.append(("peak_mib", "peak MiB (beyond weights and inputs)"))
+    fig_width = 5.5 * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(fig_width, 4.2), squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    others = [name for name in variants if not name.endswith("(ours)")]
+    colors = {name: OTHER_COLORS[i % len(OTHER_COLORS)] for i, name in enumerate(others)}
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for v, name in enumerate(variants):
+            xs = [i + (v - (len(variants) - 1) / 2) * width for i in range(len(batches))]
+            cells = [by_key.get((b, name)) for b in batches]
+            values = [(r.get(key) or 0.0) if r and r["status"] == "ok" else 0.0 for r in cells]
+            bars = ax.bar(xs, values, width, label=name, color=colors.get(name, OURS_COLOR))
+            for bar, row, value in zip(bars, cells, values, strict=True):
+                if row is None:
+                    continue
+                if row["status"] != "ok":
+                    text = row["status"]
+                else:
+                    text = _count(value) if key == "throughput" else f"{value:.0f}"
+                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), text, ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    title = _wrap(f"{shape['name']}: {shape.get('description', '')}", int(15 * fig_width))
+    fig.suptitle(f"{title}\n{_where(results)}", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"model-{shape['name']}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def _where(results: dict) -> str:
@@ -201,8 +354,8 @@ def _where(results: dict) -> str:
 
 
 def _summary_plot(results: dict, out_dir: Path, plt) -> Path:
-    rows = [r for r in results["rows"] if r["ours"]]
-    shape_names = list(dict.fromkeys(r["shape"] for r in results["rows"]))
+    rows = [r for r in results["rows"] if r["ours"] and not is_model(r)]
+    shape_names = list(dict.fromkeys(r["shape"] for r in results["rows"] if not is_model(r)))
     series = list(dict.fromkeys((r["provider"], r["mode"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(shape_names) * max(1, len(series)) / 2 + 2), 4.2))
     width = 0.8 / max(1, len(series))
@@ -222,7 +375,7 @@ def _summary_plot(results: dict, out_dir: Path, plt) -> Path:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(shape_names)), shape_names, rotation=30, ha="right")
     ax.set_ylabel("speedup over the best other provider")
-    others = ", ".join(dict.fromkeys(r["provider"] for r in results["rows"] if not r["ours"]))
+    others = ", ".join(dict.fromkeys(r["provider"] for r in results["rows"] if not r["ours"] and not is_model(r)))
     ax.set_title(f"perceiver-kernels vs the best of: {others}\n{_where(results)}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -4,6 +4,10 @@ Entry point of ``perceiver-kernels bench`` (``run_cli``). Each (shape, provider,
 row of the results: its timing and derived rates, or ``n/a`` with the reason. Every forward output
 is also compared with the float32 reference, so a fast wrong answer is flagged, never reported as a
 win. The JSON is rewritten after every shape, so a run that is cut short keeps what it measured.
+
+After the attention shapes come the suite's model entries (``models.py``): each (entry, batch,
+variant) becomes one row (``kind: "model"``) of the same results, its first step checked against the
+entry's anchor variant.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +30,8 @@ from perceiver_kernels.reference import attention_reference
 from perceiver_kernels.testing import BENCH_AGREEMENT_RTOL
 
 from . import report
+from .models import MODE as MODEL_MODE
+from .models import MODEL_SUITES, ModelEntry, Variant, measure_step, relative_l2
 from .providers import PROVIDERS, Inputs, Unavailable, make_inputs
 from .shapes import SUITES, Shape
 from .timing import device_ceilings, measure, synchronize
@@ -127,8 +134,10 @@ def run_suite(
     out_dir: Path | None = None,
     time_budget_s: float | None = None,
     progress: bool | None = None,
+    models: Sequence[ModelEntry] = (),
 ) -> dict:
-    """Measure ``providers`` on ``shapes``; returns (and writes to ``out_dir/bench.json``) the results."""
+    """Measure ``providers`` on ``shapes``, then every variant of the model entries ``models``; returns
+    (and writes to ``out_dir/bench.json``) the results."""
     from tqdm import tqdm
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 anchors at float32 accuracy, like ours
@@ -143,12 +152,17 @@ def run_suite(
     results["shapes"], results["rows"] = [], []
     started = time.perf_counter()
     jobs = sum(len(providers) * len([m for m in s.modes if m in modes]) for s in shapes)
+    jobs += sum(len(e.variants) * len(e.batches) for e in models if MODEL_MODE in modes)
     # progress None: a bar only on a terminal; True/False: always/never.
     disable = {None: None, True: False, False: True}[progress]
     bar = tqdm(total=jobs, unit="run", disable=disable, dynamic_ncols=True)
     try:
         for shape in shapes:
             _run_shape(shape, providers, modes, device, dtype, results, bar, started, time_budget_s)
+            if out_dir is not None:
+                write_json(results, out_dir)
+        for entry in models:
+            _run_model(entry, modes, device, dtype, results, bar, started, time_budget_s)
             if out_dir is not None:
                 write_json(results, out_dir)
     except (Stopped, KeyboardInterrupt) as e:
@@ -257,6 +271,122 @@ def _measure_row(shape: Shape, name: str, mode: str, inputs: Inputs, ref: Tensor
     return row
 
 
+# -- model entries ---------------------------------------------------------------------------------
+
+
+def _run_model(entry: ModelEntry, modes, device, dtype, results, bar, started, time_budget_s) -> None:
+    """Every (batch, variant) of ``entry``, the anchor variant first at each batch: the others' first
+    step is checked against its output and gradients (same weights, inputs and dropout seed)."""
+    results["shapes"].append(entry.as_dict())
+    if MODEL_MODE not in modes:
+        return
+
+    def spent() -> bool:
+        return time_budget_s is not None and time.perf_counter() - started > time_budget_s
+
+    bar.set_description(entry.name)
+    built: dict[str, torch.nn.Module] = {}  # the model, built once and only when a row runs
+
+    def model() -> torch.nn.Module:
+        if "model" not in built:
+            built["model"] = entry.build(device, dtype)
+        return built["model"]
+
+    try:
+        for batch in entry.batches:
+            anchor = None
+            for variant in entry.ordered_variants():
+                if spent():
+                    row = _model_row(entry, variant, batch, status="skipped", reason="time budget spent")
+                else:
+                    row, check = _measure_model_row(entry, model, variant, batch, device, dtype, anchor)
+                    if variant.name == entry.anchor and row["status"] == "ok":
+                        anchor = check
+                    del check  # a non-anchor check is not needed once compared
+                results["rows"].append(row)
+                bar.update(1)
+                if row["status"] != "skipped":
+                    bar.write(report.row_line(row))
+            del anchor
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        built.clear()
+        report.add_speedups(results)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _model_row(entry: ModelEntry, variant: Variant, batch: int, **fields) -> dict:
+    return {
+        "shape": entry.name, "provider": variant.name, "ours": variant.ours, "mode": MODEL_MODE, "kind": "model",
+        "batch": batch, **fields,
+    }  # fmt: skip
+
+
+def _measure_model_row(entry, model, variant, batch, device, dtype, anchor) -> tuple[dict, object]:
+    """One variant's row and the check of its first step (None when it did not run)."""
+    step = None
+    try:
+        backend = entry.backend_of(variant)
+        if backend is not None and (reason := pk.backend_unavailable_reason(backend, probe(device))):
+            raise Unavailable(reason)
+        step = entry.step(model(), variant, batch, device)
+        timing, check = measure_step(step, device)
+    except Unavailable as e:
+        return _model_row(entry, variant, batch, status="n/a", reason=str(e)), None
+    except torch.OutOfMemoryError:
+        _release(step, device)
+        return _model_row(entry, variant, batch, status="n/a", reason="out of device memory"), None
+    except Exception as e:  # noqa: BLE001 - reported with the row, as for the attention providers
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        row = _model_row(entry, variant, batch, status="error" if variant.ours else "n/a", reason=reason)
+        try:
+            synchronize(device)
+        except RuntimeError as fatal:
+            raise DeviceFailure(row, fatal) from e
+        _release(step, device)
+        return row, None
+    _release(step, device)
+    row = _model_row(
+        entry, variant, batch, status="ok", ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+        first_call_s=timing.first_call_s, peak_mib=None if timing.peak_bytes is None else timing.peak_bytes / 2**20,
+        throughput=step.units / timing.median_ms * 1e3, throughput_unit=entry.throughput_unit, loss=check.loss,
+    )  # fmt: skip
+    if variant.name == entry.anchor:
+        row["anchor"] = True
+    elif anchor is None:
+        row["checked_against"] = None  # the anchor did not run: nothing to compare with
+    else:
+        out_diff = relative_difference(check.output, anchor.output)
+        grad_diff = relative_l2(check.grads, anchor.grads)
+        row.update(checked_against=entry.anchor, max_rel_diff=out_diff, grad_rel_diff=grad_diff)
+        diffs = [out_diff, grad_diff]
+        if check.loss is not None and anchor.loss is not None:
+            loss_diff = abs(check.loss - anchor.loss) / max(abs(anchor.loss), 1e-30)
+            row["loss_rel_diff"] = loss_diff if loss_diff == loss_diff else float("inf")
+            diffs.append(row["loss_rel_diff"])
+        row["agrees"] = max(diffs) <= BENCH_AGREEMENT_RTOL[dtype]
+        if not row["agrees"]:
+            row["status"] = "error" if variant.ours else "wrong"
+            loss = f", loss rel diff {row['loss_rel_diff']:.2e}" if "loss_rel_diff" in row else ""
+            row["reason"] = (
+                f"differs from {entry.anchor}: output max rel diff {out_diff:.2e}, gradients rel L2 {grad_diff:.2e}"
+                f"{loss}"
+            )
+    return row, check
+
+
+def _release(step, device: torch.device) -> None:
+    """Drop the gradients a step left, so the next variant starts from the weights alone."""
+    if step is not None:
+        for p in step.params:
+            p.grad = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class DeviceFailure(Stopped):
     def __init__(self, row: dict, error: Exception):
         super().__init__(f"the device failed during {row['shape']} / {row['provider']} / {row['mode']}: {error}")
@@ -279,14 +409,15 @@ def run_cli(args) -> int:
     if device.type == "cpu" and suite != "quick":
         print(f"bench: the {suite!r} suite needs a GPU; on CPU run --suite quick", file=sys.stderr)
         return 2
-    shapes = list(SUITES[suite])
+    shapes, models = list(SUITES[suite]), list(MODEL_SUITES[suite])
     if args.shapes:
-        unknown = sorted(set(args.shapes) - {s.name for s in shapes})
+        unknown = sorted(set(args.shapes) - {s.name for s in shapes} - {m.name for m in models})
         if unknown:
-            names = ", ".join(s.name for s in shapes)
+            names = ", ".join([s.name for s in shapes] + [m.name for m in models])
             print(f"bench: --shapes {', '.join(unknown)} not in the {suite!r} suite ({names})", file=sys.stderr)
             return 2
         shapes = [s for s in shapes if s.name in args.shapes]
+        models = [m for m in models if m.name in args.shapes]
     probe_tensor = probe(device)
     runnable = [n for n, p in PROVIDERS.items() if not p.ours or not pk.backend_unavailable_reason(n, probe_tensor)]
     providers = args.providers or runnable
@@ -298,7 +429,9 @@ def run_cli(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else SUITE_DTYPES[device.type]
     out_dir = Path(args.out) if args.out else None
     signal.signal(signal.SIGTERM, _stop_on_signal)  # `timeout` sends it: stop, but report what was measured
-    results = run_suite(shapes, providers, modes, device, dtype, suite, out_dir, args.time_budget, args.progress)
+    results = run_suite(
+        shapes, providers, modes, device, dtype, suite, out_dir, args.time_budget, args.progress, models=models
+    )
     print()
     print(report.text_report(results))
     if out_dir is not None:

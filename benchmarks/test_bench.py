@@ -1,4 +1,5 @@
-"""pytest-benchmark view of the suite: one test per (shape, mode, provider).
+"""pytest-benchmark view of the suite: one test per (shape, mode, provider), and one per (model entry,
+batch, variant).
 
 On a GPU (``pytest benchmarks/ --benchmark-only``) the ``perceiver`` suite in bfloat16, each round
 synchronised; on CPU the ``quick`` suite in float32 for one round, a smoke test of the same pipeline
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
+from benchmarks.models import PERCEIVER_MODELS, QUICK_MODELS, first_step, relative_l2
 from benchmarks.providers import PROVIDERS, Unavailable, make_inputs
 from benchmarks.shapes import PERCEIVER_SUITE, QUICK_SUITE
 from benchmarks.suite import SUITE_DTYPES, reference_output, relative_difference
@@ -18,10 +20,17 @@ from perceiver_kernels.testing import BENCH_AGREEMENT_RTOL
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SUITE = PERCEIVER_SUITE if DEVICE.type == "cuda" else QUICK_SUITE
+MODELS = PERCEIVER_MODELS if DEVICE.type == "cuda" else QUICK_MODELS
 DTYPE = SUITE_DTYPES[DEVICE.type]
 GPU_ROUNDS, GPU_WARMUP_ROUNDS = 20, 3
 
 CASES = [pytest.param(shape, mode, id=f"{shape.name}-{mode}") for shape in SUITE for mode in shape.modes]
+MODEL_CASES = [
+    pytest.param(entry, batch, variant.name, id=f"{entry.name}-B{batch}-{variant.name}")
+    for entry in MODELS
+    for batch in entry.batches
+    for variant in entry.variants
+]
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
@@ -63,3 +72,38 @@ def test_attention(benchmark, shape, mode, provider):
     if mode == "fwd" and PROVIDERS[provider].ours:
         diff = relative_difference(out, reference_output(shape, inputs))
         assert diff <= BENCH_AGREEMENT_RTOL[DTYPE], f"{provider} differs from the reference: {diff:.2e}"
+
+
+@pytest.mark.parametrize("entry,batch,variant", MODEL_CASES)
+def test_model(benchmark, entry, batch, variant):
+    """A model entry's variant (``benchmarks/models.py``): one fwd+bwd step per round; our variants'
+    first step is checked against the anchor's (output and gradients)."""
+    variant = entry.variant(variant)
+    backend = entry.backend_of(variant)
+    if backend is not None and (reason := pk.backend_unavailable_reason(backend, torch.empty(0, device=DEVICE))):
+        pytest.skip(f"{backend}: {reason}")
+    model = entry.build(DEVICE, DTYPE)
+    step = entry.step(model, variant, batch, DEVICE)
+    check, _ = first_step(step, DEVICE)
+    if variant.ours:
+        anchor, _ = first_step(entry.step(model, entry.variant(entry.anchor), batch, DEVICE), DEVICE)
+        assert relative_difference(check.output, anchor.output) <= BENCH_AGREEMENT_RTOL[DTYPE]
+        assert relative_l2(check.grads, anchor.grads) <= BENCH_AGREEMENT_RTOL[DTYPE]
+        del anchor
+    del check
+
+    def zero_grads():
+        for p in step.params:
+            p.grad = None
+
+    def run():
+        out = step.run()
+        synchronize(DEVICE)
+        return out
+
+    benchmark.group = f"{entry.name} B{batch}"
+    benchmark.extra_info.update(units=step.units, unit=entry.throughput_unit, dtype=str(DTYPE))
+    if DEVICE.type == "cuda":
+        benchmark.pedantic(run, setup=zero_grads, rounds=GPU_ROUNDS, warmup_rounds=GPU_WARMUP_ROUNDS)
+    else:
+        benchmark.pedantic(run, setup=zero_grads, rounds=1)

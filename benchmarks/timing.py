@@ -67,8 +67,8 @@ def measure(attn: AttentionFn, shape: Shape, inputs: Inputs, mode: str) -> tuple
     out = step()
     synchronize(device)
     first_call_s = time.perf_counter() - start
-    peak = _peak_bytes(step, grads, device)
-    median, p20, p80 = _quantiles(step, grads, device)
+    peak = peak_bytes(step, grads, device)
+    median, p20, p80 = quantiles(step, grads, device)
     return Timing(median, p20, p80, first_call_s, peak), out
 
 
@@ -77,7 +77,8 @@ def _zero(grads: list[Tensor]) -> None:
         t.grad = None
 
 
-def _peak_bytes(step: Callable, grads: list[Tensor], device: torch.device) -> int | None:
+def peak_bytes(step: Callable, grads: list[Tensor], device: torch.device) -> int | None:
+    """Peak device memory one ``step()`` allocates beyond what is allocated before it (None off CUDA)."""
     if device.type != "cuda":
         return None
     _zero(grads)
@@ -89,7 +90,9 @@ def _peak_bytes(step: Callable, grads: list[Tensor], device: torch.device) -> in
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def _quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tuple[float, float, float]:
+def quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tuple[float, float, float]:
+    """Median, p20 and p80 milliseconds of ``step()`` (``do_bench`` on CUDA, wall clock on CPU); the
+    ``grads`` tensors' ``.grad`` is reset between repetitions so that backward does not accumulate."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -116,8 +119,8 @@ def device_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         for _ in range(20):  # bring the clocks up before anything is timed
             a @ b
-    matmul_ms = _quantiles(lambda: a @ b, [], device)[0]
-    copy_ms = _quantiles(lambda: dst.copy_(src), [], device)[0]
+    matmul_ms = quantiles(lambda: a @ b, [], device)[0]
+    copy_ms = quantiles(lambda: dst.copy_(src), [], device)[0]
     return {
         "matmul_dtype": str(dtype).removeprefix("torch."),
         "matmul_tflops": 2 * n**3 / matmul_ms / 1e9,

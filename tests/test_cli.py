@@ -62,12 +62,14 @@ def test_bench_quick_on_cpu_writes_tables_json_and_plots(tmp_path):
     assert sum(all(col in line for col in header) for line in out.splitlines()) == 4  # one table per shape
     for shape in ("quick-cross", "quick-causal-padded", "quick-ar", "quick-decode"):
         assert f"== {shape}:" in out
+    for entry in ("quick-shared-blocks", "quick-model-ar-train"):  # the model entries: their own tables
+        assert f"== {entry}:" in out
 
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {"schema", "timestamp", "git", "versions", "device", "dtype", "suite", "shapes", "rows"} <= set(data)
     assert data["device"]["type"] == "cpu" and data["device"]["matmul_tflops"] > 0
     assert data["versions"]["torch"] and data["git"]["sha"] and data["dtype"] == "float32"
-    rows = {(r["shape"], r["provider"], r["mode"]): r for r in data["rows"]}
+    rows = {(r["shape"], r["provider"], r["mode"]): r for r in data["rows"] if r.get("kind") != "model"}
     providers = {"triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex", "naive"}
     assert {p for _, p, _ in rows} == providers
     assert len(rows) == len(providers) * 7  # 4 shapes, the decode forward only
@@ -84,11 +86,28 @@ def test_bench_quick_on_cpu_writes_tables_json_and_plots(tmp_path):
     assert rows[("quick-cross", "flex", "fwd")]["status"] == "ok"  # compiled, on CPU too
     assert "backward on CPU" in rows[("quick-cross", "flex", "fwd+bwd")]["reason"]
 
+    model_rows = {(r["shape"], r["provider"], r["batch"]): r for r in data["rows"] if r.get("kind") == "model"}
+    assert sorted(model_rows) == [
+        ("quick-model-ar-train", "reference", 2),
+        ("quick-model-ar-train", "sdpa", 2),
+        ("quick-model-ar-train", "triton", 2),
+        ("quick-shared-blocks", "module-reuse", 1),
+        ("quick-shared-blocks", "module-reuse", 2),
+        ("quick-shared-blocks", "shared-chain", 1),
+        ("quick-shared-blocks", "shared-chain", 2),
+    ]
+    for r in model_rows.values():
+        assert r["status"] == "ok" and r["mode"] == "fwd+bwd" and r["ms"] > 0 and r["throughput"] > 0, r
+        assert r.get("anchor") or (r["agrees"] and r["max_rel_diff"] < 1e-3 and r["grad_rel_diff"] < 1e-3)
+    assert model_rows[("quick-model-ar-train", "triton", 2)]["ours"]  # Triton in the interpreter, checked
+
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     shapes = ["shape-quick-ar.png", "shape-quick-causal-padded.png", "shape-quick-cross.png", "shape-quick-decode.png"]
-    assert pngs == [*shapes, "summary.png"]
+    models = ["model-quick-model-ar-train.png", "model-quick-shared-blocks.png"]
+    assert pngs == [*models, *shapes, "summary.png"]
     assert all((tmp_path / name).stat().st_size > 1000 for name in pngs)
-    assert (tmp_path / "bench.md").read_text().count("| quick-") == 7
+    md = (tmp_path / "bench.md").read_text()
+    assert md.count("| quick-") == 7 + len(model_rows)  # the attention summary, then every model row
 
 
 @pytest.mark.parametrize(
