@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -163,6 +164,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     for backend in ("triton", "cuda", "reference"):
         reason = functional.backend_unavailable_reason(backend, probe)
         print(f"  {backend:9s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("pk.patch integrations:")
+    for package in ("transformers", "perceiver-pytorch", "perceiver-ar-pytorch"):
+        try:
+            found = f"{package} {importlib.metadata.version(package)}"
+        except importlib.metadata.PackageNotFoundError:
+            found = f"{package} not installed (pip install 'perceiver-kernels[integrations]')"
+        print(f"  {found}")
     return 0
 
 

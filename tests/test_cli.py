@@ -25,6 +25,9 @@ def test_info_lists_versions_and_backends():
     for backend in ("triton", "cuda", "reference"):
         assert f"  {backend}" in out
     assert "cuda      unavailable: the CUDA C++ backend is not part of this build yet" in out
+    assert "pk.patch integrations:" in out
+    for package in ("transformers", "perceiver-pytorch", "perceiver-ar-pytorch"):
+        assert f"  {package} " in out
 
 
 @pytest.mark.skipif(
