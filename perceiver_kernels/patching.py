@@ -491,6 +491,10 @@ def _ar_prefix_forward(patch: _PatchedForward, arguments: dict[str, Any]):
         return _Fallback("prefix dropout without a rotary table")  # perceiver-ar raises here
     if context.dim() != 3 or context.shape[0] != batch:
         return _Fallback("a prefix that is not (B, P, dim)")
+    # Every reason to fall back is decided before the prefix-dropout draws: falling back after them would
+    # make the original draw again, and a seeded run would keep other prefix positions than unpatched.
+    if problem := _dtype_problem(x, context):
+        return problem
     if context_mask is not None and (
         not isinstance(context_mask, Tensor)
         or context_mask.dtype != torch.bool
@@ -598,7 +602,7 @@ _INTEGRATIONS: dict[str, _Integration] = {
         name="perceiver-ar-pytorch",
         forward=_ar_self_forward,
         describe=_ar_describe,
-        fallbacks=f"{_TRAINING_DROPOUT}; context masks or rotary tables of shapes perceiver-ar cannot use",
+        fallbacks=f"{_TRAINING_DROPOUT}; rotary tables of shapes perceiver-ar cannot use",
         required=("norm", "to_qkv", "to_out", "heads", "scale", "dropout"),
     ),
     "perceiver-ar-pytorch-rotary": _Integration(
@@ -633,11 +637,9 @@ def _supported_classes() -> list[tuple[type, str]]:
     return found
 
 
-def _our_attention_class() -> type | None:
-    try:
-        from .models import MultiHeadAttention
-    except ImportError:  # perceiver_kernels.models is optional; without it there is nothing of ours to patch
-        return None
+def _our_attention_class() -> type:
+    from .models import MultiHeadAttention  # imported on use: `import perceiver_kernels` stays light
+
     return MultiHeadAttention
 
 

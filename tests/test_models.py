@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import perceiver_kernels.models.perceiver as perceiver_module
 from perceiver_kernels.models import (
     CausalSequenceModel,
     CausalSequenceModelConfig,
@@ -16,6 +17,7 @@ from perceiver_kernels.models import (
     PerceiverEncoder,
     PerceiverIO,
     TrainableQueryProvider,
+    run_shared_chain,
 )
 from perceiver_kernels.testing import compare
 
@@ -181,8 +183,15 @@ def test_multi_head_attention_matches_perceiver_io_formula():
 
 @pytest.mark.parametrize("blocks, first_shared", [(1, True), (2, True), (4, True), (2, False), (4, False)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_encoder_shared_block_execution_matches_plain_reuse(blocks, first_shared, dropout):
+def test_encoder_shared_block_execution_matches_plain_reuse(blocks, first_shared, dropout, monkeypatch):
     """The weight-shared executor gives the gradients of plain module reuse (dropout masks replayed)."""
+    chains = []
+
+    def spy(steps, x):
+        chains.append(len(steps))
+        return run_shared_chain(steps, x)
+
+    monkeypatch.setattr(perceiver_module, "run_shared_chain", spy)
     results = []
     for shared in (False, True):
         torch.manual_seed(1)
@@ -197,12 +206,24 @@ def test_encoder_shared_block_execution_matches_plain_reuse(blocks, first_shared
         out = model(x, pad_mask=pad)
         out.pow(2).sum().backward()
         results.append((out, x.grad, {n: p.grad for n, p in model.named_parameters()}))
+    # The executor runs the whole chain when a block repeats (first shared: all L; else SA1 + L-1 SAn).
+    repeats = blocks > 1 if first_shared else blocks > 2
+    assert chains == ([blocks] if repeats else [])
     (out0, gx0, g0), (out1, gx1, g1) = results
     torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
     assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shared_execution_skips_inner_checkpointing():
+    """Blocks recomputed by the executor are not checkpointed again (that would be a third forward)."""
+    model = make_classifier(num_self_attention_blocks=3, activation_checkpointing=True)
+    calls = []
+    model.encoder.self_attn_1[0].register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randn(2, 9, 6)).sum().backward()
+    assert len(calls) == 2 * 3  # each repetition: the forward, and one recomputation in backward
 
 
 def test_activation_checkpointing_same_gradients():
@@ -339,3 +360,27 @@ def test_ar_validation():
         model.train().perceiver_ar.prefill(x, 6, 6, 20)
     with pytest.raises(ValueError, match="num_latents"):
         model.generate(x, 2, num_latents=7)
+    for bad, name in ((dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"), (dict(temperature=0.0), "temperature")):
+        with pytest.raises(ValueError, match=name):
+            model.generate(x, 2, do_sample=True, **bad)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(x, -1)
+
+
+def test_kv_cache_decoding_under_autocast():
+    """The cache holds what the projections produce (bfloat16 under autocast); a step under another
+    autocast state than the prefill is refused with a clear error."""
+    cfg = tiny_ar_config()
+    model = CausalSequenceModel(cfg, backend="reference").eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, cache = model.perceiver_ar.prefill(x, 4, cfg.max_latents, cfg.max_seq_len)
+        for _ in range(4):  # through the slide
+            token = torch.randint(0, cfg.vocab_size, (2, 1))
+            hidden = model.perceiver_ar.step(token, cache)
+            x = torch.cat([x, token], dim=1)
+        full = model(x, cache.prefix_len)[:, -1:]
+        assert cache.cross_k.dtype == torch.bfloat16
+        torch.testing.assert_close(model.logits(hidden).float(), full.float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="autocast"):
+        model.perceiver_ar.step(token, cache)

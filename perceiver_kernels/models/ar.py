@@ -201,10 +201,10 @@ class PerceiverAR(nn.Module):
         if pad_mask is not None and not bool(pad_mask.any()):
             pad_mask = None
         attn = self.cross_attention[0].module.attention
-        param = attn.k_proj.weight
+        device, dtype = attn.k_proj.weight.device, self._compute_dtype()
 
         def buffer(rows: int, head_dim: int) -> Tensor:
-            return torch.zeros(batch, rows, self.num_heads, head_dim, dtype=param.dtype, device=param.device)
+            return torch.zeros(batch, rows, self.num_heads, head_dim, dtype=dtype, device=device)
 
         layers = self.self_attention
         cache = PerceiverARCache(
@@ -226,6 +226,9 @@ class PerceiverAR(nn.Module):
             raise ValueError(f"token must be (B, 1) = ({cache.tokens.shape[0]}, 1), got {tuple(token.shape)}")
         if cache.length >= cache.capacity:
             raise ValueError(f"the cache is full ({cache.capacity} positions); prefill a shorter window")
+        if self._compute_dtype() != cache.cross_k.dtype:
+            raise ValueError(f"the cache holds {cache.cross_k.dtype} keys, this step would compute "
+                             f"{self._compute_dtype()}: run prefill and step under the same autocast")  # fmt: skip
         length = cache.length + 1
         cache.tokens = torch.cat([cache.tokens, token.to(cache.tokens.dtype)], dim=1)
         if cache.pad_mask is not None:
@@ -238,6 +241,13 @@ class PerceiverAR(nn.Module):
             cache.prefix_len, start = p + 1, 0
         emb = self._embed(cache, cache.prefix_len + start, length)
         return self._latent_stack(emb, cache, start)[:, -1:]
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the projections produce here: the autocast dtype under autocast, else the weights'."""
+        weight = self.cross_attention[0].module.attention.k_proj.weight
+        if torch.is_autocast_enabled(weight.device.type):
+            return torch.get_autocast_dtype(weight.device.type)
+        return weight.dtype
 
     def _check_decoding(self) -> None:
         if self.training:
@@ -257,7 +267,11 @@ class PerceiverAR(nn.Module):
 
     def _latent_stack(self, h: Tensor, cache: PerceiverARCache, start: int) -> Tensor:
         """Latents ``start..start+m-1`` (``h (B, m, C)``, embedded) through cross- and self-attention,
-        over the cached keys of everything before them; writes their keys into the cache."""
+        over the cached keys of everything before them; writes their keys into the cache.
+
+        It spells out what ``CrossAttentionLayer`` / ``SelfAttentionLayer.forward`` compute (in eval mode:
+        no dropout), with the keys coming from the cache; the decoding-equals-forward tests guard the two
+        against drifting apart."""
         p = cache.prefix_len
         first, stop = p + start, p + start + h.shape[1]  # sequence rows of these latents
         positions = cache.positions(0, stop)
@@ -388,8 +402,14 @@ class CausalSequenceModel(nn.Module):
                              f"got {num_latents}")  # fmt: skip
         if length > self.config.max_seq_len:
             raise ValueError(f"the prompt ({length} tokens) exceeds max_seq_len={self.config.max_seq_len}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         was_training = self.training
         self.eval()
         try:

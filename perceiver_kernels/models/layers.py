@@ -3,10 +3,12 @@ widening factor and exact GELU, no final norm (perceiver-io's structure and para
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CrossAttention, RotaryPositions, SelfAttention
+from .shared import recomputing
 
 
 def init_parameters(module: nn.Module, init_scale: float) -> None:
@@ -173,7 +175,8 @@ class SelfAttentionBlock(nn.Sequential):
 
 
 def maybe_checkpoint(module: nn.Module, enabled: bool, *args, **kwargs) -> Tensor:
-    """``module(*args, **kwargs)``, activation-checkpointed when ``enabled`` and training."""
-    if enabled and module.training:
+    """``module(*args, **kwargs)``, activation-checkpointed when ``enabled``, training and grad mode is on,
+    except while ``run_shared_chain`` recomputes the module (which is itself a checkpoint)."""
+    if enabled and module.training and torch.is_grad_enabled() and not recomputing():
         return checkpoint(module, *args, use_reentrant=False, **kwargs)
     return module(*args, **kwargs)

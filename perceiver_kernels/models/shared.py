@@ -10,21 +10,23 @@ in ``L`` small GEMMs that accumulate into ``.grad``. :func:`run_shared_chain` gi
 * Backward walks the steps in reverse, recomputes each one from its saved input (like activation
   checkpointing, with the forward's RNG and autocast state, so dropout masks repeat) and propagates
   the activation gradient. Weight gradients are deferred: every ``nn.Linear`` application records its
-  input rows ``X (rows, in_features)`` and output-gradient rows ``G (rows, out_features)``; every
-  ``nn.LayerNorm`` application records ``x_hat * G`` and ``G`` (``x_hat`` the normalised input).
-  At the end each Linear weight gets ONE GEMM ``G^T @ X`` over the rows of all its applications, and
-  each bias / LayerNorm parameter one reduction over rows. Other parameters (a learned scale, an
-  embedding, ...) get ordinary autograd gradients per application, summed.
+  input rows ``X (rows, in_features)`` and output-gradient rows ``G (rows, out_features)``. At the
+  end each Linear weight gets ONE GEMM ``G^T @ X`` over the rows of all its applications, and each
+  Linear bias one reduction of the same ``G`` rows. LayerNorm parameters are vectors: each application
+  reduces its ``x_hat * G`` and ``G`` rows at once into a running sum (keeping the rows would only cost
+  memory). Other parameters (a learned scale, an embedding, ...) get ordinary autograd gradients per
+  application, summed.
 
 The price of the single GEMM, honestly: the recorded rows of all applications are alive together at
-the end of backward, ``sum over applications of (Linear inputs + Linear output grads)`` (plus the
-LayerNorm rows), and one concatenated copy of a parameter's rows while its GEMM runs. The Linear inputs
+the end of backward, ``sum over applications of (Linear inputs + Linear output grads)``, and one
+concatenated copy of a parameter's rows while its GEMM runs. The Linear inputs
 alone are what plain autograd saves for the whole chain anyway; the output grads on top are something
 plain autograd never holds at once, so backward's peak can exceed plain reuse's. What is saved is the
 rest of each block's activations between forward and backward (attention, GELU, dropout, residual
 intermediates) and ``L - 1`` GEMMs per shared weight; the recomputation costs one extra forward. The rows
 are recorded in the computation's dtype (bfloat16 under autocast); the final GEMM and reductions
-accumulate in the parameter's dtype.
+accumulate in the parameter's dtype (on CUDA a 16-bit GEMM with float32 output). So the memory win is
+between forward and backward; backward's peak is about plain reuse's.
 
 Limits: modules are patched in place during backward (instance ``forward`` of the Linear/LayerNorm
 modules, always restored), so the same modules must not run concurrently in another thread while a
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
@@ -46,7 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["run_shared_chain"]
+__all__ = ["recomputing", "run_shared_chain"]
+
+_state = threading.local()
+
+
+def recomputing() -> bool:
+    """True while a step is being recomputed in :func:`run_shared_chain`'s backward (in this thread):
+    activation checkpointing inside it would only recompute the same forward a third time."""
+    return getattr(_state, "recomputing", False)
 
 
 def run_shared_chain(steps: Sequence[nn.Module], x: Tensor) -> Tensor:
@@ -97,7 +108,7 @@ class _SharedChain(torch.autograd.Function):
         grads: dict[int, Tensor] = {}  # id(param) -> gradient so far
         rng_devices = [device] if device.type == "cuda" else []
         # fork_rng puts the caller's RNG state back afterwards: recomputing dropout consumes nothing.
-        with torch.random.fork_rng(devices=rng_devices), _recording(ctx.steps, recorder):
+        with torch.random.fork_rng(devices=rng_devices), _recording(ctx.steps, recorder), _flag_recomputing():
             for i in reversed(range(len(ctx.steps))):
                 step = ctx.steps[i]
                 _set_rng_state(ctx.rng[i], device)
@@ -123,44 +134,80 @@ class _SharedChain(torch.autograd.Function):
         return (grad_x, None, *(grads.get(id(p)) for p in ctx.params))
 
 
+@contextlib.contextmanager
+def _flag_recomputing() -> Iterator[None]:
+    outer = recomputing()
+    _state.recomputing = True
+    try:
+        yield
+    finally:
+        _state.recomputing = outer
+
+
 def _accumulate(grads: dict[int, Tensor], param: Tensor, g: Tensor) -> None:
     g = g.to(param.dtype)
     grads[id(param)] = g if id(param) not in grads else grads[id(param)] + g
 
 
 class _Recorder:
-    """Rows recorded by the patched Linear/LayerNorm calls during one backward, per parameter."""
+    """What the patched Linear/LayerNorm calls record during one backward."""
 
     def __init__(self, wanted: set[int]):
         self.wanted = wanted  # ids of the parameters that need a gradient
         self.anchor = torch.zeros((), requires_grad=True)
-        self.params: dict[int, Tensor] = {}
-        self.rows: dict[tuple[str, int], list[tuple[Tensor, ...]]] = defaultdict(list)
+        # Linear modules, by id(weight): the (weight, bias) that want a gradient, and per application
+        # the input rows X (r, in) (None when only the bias wants one) and the output-gradient rows G (r, out).
+        self.linears: dict[int, tuple[Tensor | None, Tensor | None]] = {}
+        self.rows: dict[int, list[tuple[Tensor | None, Tensor]]] = defaultdict(list)
+        self.sums: dict[int, tuple[Tensor, Tensor]] = {}  # LayerNorm parameters: id -> (param, running sum)
 
     def wants(self, *params: Tensor | None) -> bool:
         return any(p is not None and id(p) in self.wanted for p in params)
 
-    def add(self, kind: str, param: Tensor | None, *rows: Tensor) -> None:
-        """kind "gemm": rows ``(X (r, in), G (r, out))`` of a Linear weight; "sum": rows ``(r, n)`` summed."""
+    def add_linear(self, weight: Tensor, bias: Tensor | None, x_rows: Tensor | None, g_rows: Tensor) -> None:
+        """One application's rows, kept for one GEMM (weight) and one reduction (bias) at the end."""
+        weight, bias = (p if self.wants(p) else None for p in (weight, bias))
+        if weight is None and bias is None:
+            return
+        self.linears[id(weight if weight is not None else bias)] = (weight, bias)
+        self.rows[id(weight if weight is not None else bias)].append((x_rows if weight is not None else None, g_rows))
+
+    def add_sum(self, param: Tensor | None, rows: Tensor) -> None:
+        """``rows (r, n)`` of a LayerNorm parameter's gradient, reduced at once: a ``(n,)`` sum is all that
+        is needed, so keeping the rows until the end would only cost memory."""
         if self.wants(param):
-            self.params[id(param)] = param
-            self.rows[kind, id(param)].append(rows)
+            partial = rows.sum(0, dtype=param.dtype).view(param.shape)
+            total = self.sums[id(param)][1] + partial if id(param) in self.sums else partial
+            self.sums[id(param)] = (param, total)
 
     def finish(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(param, gradient)``: one GEMM or one reduction per recorded parameter."""
-        while self.rows:  # pop as we go, so each parameter's rows are freed once used
-            (kind, key), rows = self.rows.popitem()
-            param = self.params[key]
-            if kind == "gemm":
-                x_rows, g_rows = (torch.cat(column) for column in zip(*rows, strict=True))
+        """``(param, gradient)``: one GEMM per Linear weight and one reduction per Linear bias over the rows
+        of all applications; the LayerNorm sums."""
+        while self.rows:  # pop as we go, so each module's rows are freed once used
+            key, rows = self.rows.popitem()
+            weight, bias = self.linears.pop(key)
+            g_rows = torch.cat([g for _, g in rows])
+            if weight is not None:
+                x_rows = torch.cat([x for x, _ in rows])
                 del rows
-                yield param, _weight_gemm(g_rows, x_rows, param.dtype)
-            else:
-                yield param, torch.cat([r for (r,) in rows]).sum(0, dtype=param.dtype).view(param.shape)
+                yield weight, _weight_gemm(g_rows, x_rows, weight.dtype)
+            if bias is not None:
+                yield bias, g_rows.sum(0, dtype=bias.dtype)
+        while self.sums:
+            yield self.sums.popitem()[1]
 
 
 def _weight_gemm(g_rows: Tensor, x_rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """``G^T @ X``: ``(out, rows) @ (rows, in)`` -> the weight gradient ``(out, in)``, in ``dtype``."""
+    """``G^T @ X``: ``(out, rows) @ (rows, in)`` -> the weight gradient ``(out, in)``, in ``dtype``.
+
+    16-bit rows of a float32 parameter (autocast) on CUDA: one 16-bit tensor-core GEMM with float32
+    output, as precise as upcasting first (the products are exact, the sums float32) without float32
+    copies of the rows or a float32 GEMM."""
+    if g_rows.is_cuda and g_rows.dtype in (torch.float16, torch.bfloat16) and dtype == torch.float32:
+        try:
+            return torch.mm(g_rows.t(), x_rows.to(g_rows.dtype), out_dtype=dtype)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
+            pass
     return g_rows.to(dtype).t() @ x_rows.to(dtype)
 
 
@@ -229,9 +276,7 @@ class _RecordedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         weight_param, bias_param = ctx.params
         g_rows = g.reshape(-1, g.shape[-1])
-        if x is not None:
-            ctx.recorder.add("gemm", weight_param, x.reshape(-1, x.shape[-1]), g_rows)
-        ctx.recorder.add("sum", bias_param, g_rows)
+        ctx.recorder.add_linear(weight_param, bias_param, None if x is None else x.reshape(-1, x.shape[-1]), g_rows)
         grad_x = g.matmul(weight) if ctx.needs_input_grad[1] else None
         return None, grad_x, None, None, None, None
 
@@ -254,8 +299,8 @@ class _RecordedLayerNorm(torch.autograd.Function):
         width = (weight if weight is not None else bias).numel()
         if ctx.recorder.wants(weight_param):
             # Recording the product, not x_hat and G apart: one tensor per application, same reduction.
-            ctx.recorder.add("sum", weight_param, ((x - mean) * rstd * g).reshape(-1, width))
-        ctx.recorder.add("sum", bias_param, g.reshape(-1, width))
+            ctx.recorder.add_sum(weight_param, ((x - mean) * rstd * g).reshape(-1, width))
+        ctx.recorder.add_sum(bias_param, g.reshape(-1, width))
         grad_x = None
         if ctx.needs_input_grad[1]:
             mask = [True, False, False]  # the input gradient only
