@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (no network; its own python3 with torch and triton, which the
 # project's pins do not govern): install the package without dependencies, run the GPU test suite,
-# `perceiver-kernels check --device cuda` and `perceiver-kernels bench --suite perceiver` (attention
-# shapes, then the model entries shared-blocks and model-ar-train), writing logs, bench.json, tables
-# and plots into OUT_DIR. Every step has a timeout so that the whole run fits in 9 minutes:
-# TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT (seconds). The bench skips (and records)
+# compute-sanitizer (memcheck, racecheck) over the CUDA backend, `perceiver-kernels check --device cuda`
+# and `perceiver-kernels bench --suite perceiver` (attention shapes, then the model entries shared-blocks
+# and model-ar-train), writing logs, bench.json, tables and plots into OUT_DIR. Every step has a timeout
+# so that the whole run fits in about 9.5 minutes (the install also builds the CUDA extension):
+# TEST_TIMEOUT, SANITIZER_TIMEOUT (per tool), CHECK_TIMEOUT, BENCH_TIMEOUT (seconds). The bench skips (and records)
 # the rows left once BENCH_BUDGET is spent, and on the timeout's SIGTERM it still writes what it
 # measured. BENCH_ARGS adds bench options (e.g. --providers, --shapes).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR
@@ -30,16 +31,30 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/instal
 fi
 
 step tests
-timeout -k 20 "${TEST_TIMEOUT:-180}" python3 -m pytest tests -n 16 -v -rfEs -p no:cacheprovider 2>&1 \
+timeout -k 20 "${TEST_TIMEOUT:-160}" python3 -m pytest tests -n 16 -v -rfEs -p no:cacheprovider 2>&1 \
   | tee "$out/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"
 
+step sanitizer
+# compute-sanitizer over the CUDA backend's forward (memcheck: out-of-bounds and misaligned accesses;
+# racecheck: shared-memory hazards between the cp.async stages and the compute).
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$sanitizer" ]; then
+  for tool in memcheck racecheck; do
+    timeout -k 10 "${SANITIZER_TIMEOUT:-45}" "$sanitizer" --tool "$tool" --error-exitcode 1 \
+      python3 tests/sanitizer_cases.py >"$out/sanitizer-$tool.log" 2>&1
+    echo "sanitizer $tool exit: $? (tail of sanitizer-$tool.log:)"; tail -3 "$out/sanitizer-$tool.log"
+  done
+else
+  echo "compute-sanitizer not found; skipped"
+fi
+
 step check
-timeout -k 20 "${CHECK_TIMEOUT:-60}" python3 -m perceiver_kernels check --device cuda 2>&1 | tee "$out/check.log"
+timeout -k 20 "${CHECK_TIMEOUT:-50}" python3 -m perceiver_kernels check --device cuda 2>&1 | tee "$out/check.log"
 echo "check exit: ${PIPESTATUS[0]}"
 
 step bench
-timeout -k 30 "${BENCH_TIMEOUT:-260}" python3 -m perceiver_kernels bench --suite perceiver --device cuda --out "$out" \
-  --time-budget "${BENCH_BUDGET:-220}" --no-progress ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
+timeout -k 30 "${BENCH_TIMEOUT:-200}" python3 -m perceiver_kernels bench --suite perceiver --device cuda --out "$out" \
+  --time-budget "${BENCH_BUDGET:-165}" --no-progress ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
 step done

@@ -70,6 +70,24 @@ def _triton_fn(num_splits: int):
     return fn
 
 
+class _Unsupported(Exception):
+    """The backend does not cover this case (the row says why instead of failing)."""
+
+
+def _cuda_fn(num_splits: int):
+    from .ops import cuda_attention
+
+    def fn(q, k, v, causal, key_padding_mask, kv_lengths, rotary_dim=0, kv_index=None, **rotary):
+        if (reason := cuda_attention.unsupported_reason(q, k, v, rotary_dim, kv_index)) is not None:
+            raise _Unsupported(reason)
+        return cuda_attention.cuda_attention(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths,
+            scale=q.shape[-1] ** -0.5, num_splits=num_splits,
+        )  # fmt: skip
+
+    return fn
+
+
 def _restart_with_interpreter(args: argparse.Namespace) -> int | None:
     """On CPU the Triton kernels run in Triton's interpreter, which must be switched on before
     ``triton.language`` is imported; returns the exit code of a fresh process when one was needed."""
@@ -123,7 +141,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                 if device == "cpu" and dtype == torch.bfloat16:
                     continue  # the interpreter cannot do bfloat16 dots
                 torch.manual_seed(len(label) * 1000 + len(dtype_name))
-                results = check_case(case, dtype, device, _triton_fn(splits))
+                fn = _cuda_fn(splits) if backend == "cuda" else _triton_fn(splits)
+                try:
+                    results = check_case(case, dtype, device, fn)
+                except _Unsupported as unsupported:
+                    print(f"{label:22s} {backend:8s} {dtype_name:9s} n/a ({unsupported})", flush=True)
+                    continue
                 worst_name, worst = max(results.items(), key=lambda item: item[1].ratio)
                 ok = all(r.ok for r in results.values())
                 failures += not ok

@@ -50,7 +50,9 @@ def attention(
         kv_lengths: int32/int64 ``(B,)``; keys at index ``>= kv_lengths[b]`` are ignored.
         scale: score scale, default ``Dqk ** -0.5``.
         backend: ``"auto"`` (fastest correct backend for the inputs' device), ``"triton"``,
-            ``"reference"``; ``"cuda"`` is reserved for the CUDA C++ backend.
+            ``"reference"``, ``"cuda"`` (the CUDA C++ forward; float16/bfloat16, head dims multiples of 8 up
+            to 128, no rotary or ``kv_index`` yet: other inputs raise, naming what is missing; its
+            backward is the Triton backward). ``"auto"`` does not choose ``"cuda"`` yet.
         return_lse: also return the log-sum-exp of the scaled scores.
         rotary_dim: rotate the first ``rotary_dim`` channels (even, ``<= Dqk``) of every q and k head
             by their positions (rotary embeddings, applied in float32 as tiles are loaded; nothing
@@ -86,9 +88,23 @@ def attention(
     )  # fmt: skip
     if chosen == "reference":
         out, lse = attention_reference(q, k, v, return_lse=True, **options)
+    elif chosen == "cuda":
+        out, lse = _cuda(q, k, v, options)
     else:
         out, lse = triton_attention(q, k, v, **options)
     return (out, lse) if return_lse else out
+
+
+def _cuda(q: Tensor, k: Tensor, v: Tensor, options: dict) -> tuple[Tensor, Tensor]:
+    from .ops import cuda_attention
+
+    reason = cuda_attention.unsupported_reason(q, k, v, options["rotary_dim"], options["kv_index"])
+    if reason is not None:
+        raise ValueError(f"backend='cuda' cannot run these inputs: {reason}; backend='triton' (or 'auto') can")
+    return cuda_attention.cuda_attention(
+        q, k, v, causal=options["causal"], key_padding_mask=options["key_padding_mask"],
+        kv_lengths=options["kv_lengths"], scale=options["scale"],
+    )  # fmt: skip
 
 
 def apply_rotary(
@@ -136,7 +152,14 @@ def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | N
     if backend == "reference":
         return None
     if backend == "cuda":
-        return "the CUDA C++ backend is not part of this build yet; use 'triton' or 'reference'"
+        from .ops import cuda_attention  # loads (or builds) the extension on first use
+
+        reason = cuda_attention.load()
+        if reason is not None:
+            return reason
+        if q is not None and q.device.type != "cuda":
+            return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor (the extension is loaded)"
+        return None
     if backend != "triton":
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if importlib.util.find_spec("triton") is None:

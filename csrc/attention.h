@@ -1,0 +1,43 @@
+// Perceiver attention forward, CUDA C++ (sm_80+): the launch parameters shared by the host code and
+// the kernels. Layout as in perceiver_kernels.attention: q (Bq, Nq, H, Dqk), k (B, Nk, H, Dqk),
+// v (B, Nk, H, Dv), out (B, Nq, H, Dv), lse (B, H, Nq) float32. Strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace perceiver_kernels {
+
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  // Split-KV partials (num_splits > 1): out_partial (splits, B, H, Nq, Dv) and lse_partial (splits, B, H, Nq).
+  float* out_partial;
+  float* lse_partial;
+  const bool* key_padding_mask;  // (B, Nk), True = padding; may be null
+  const int64_t* kv_lengths;     // (B,) as int64; may be null
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;  // q_batch_stride 0: a query broadcast over the batch
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int64_t mask_batch_stride, mask_row_stride;
+
+  int batch, heads, num_queries, num_keys;
+  int head_dim_qk, head_dim_v;
+  float scale;  // applied to q.k
+  bool causal;  // bottom-right aligned: query i sees key j iff j <= i + L_b - Nq
+  int num_splits;
+};
+
+enum class DType { kFloat16, kBFloat16 };
+
+// Runs the forward (and, with num_splits > 1, the combine) on `stream`. Returns false when no kernel
+// is compiled for this head-dim group (the host code checks before, so this is a bug guard).
+bool launch_attention_forward(const AttentionParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
+
+}  // namespace perceiver_kernels

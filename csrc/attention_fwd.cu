@@ -1,0 +1,384 @@
+// Perceiver attention forward for sm_80 and newer: FlashAttention-2-style tiling on tensor cores.
+//
+// One CTA = 4 warps = 64 query rows of one (batch, head); each warp owns 16 rows and walks the key axis in
+// tiles of 64 keys. Q is loaded once into registers as mma.sync A fragments; K and V tiles are copied
+// into shared memory with cp.async, double-buffered (tile j+1 is in flight while tile j is computed).
+// S = Q K^T and O += P V run on mma.sync.m16n8k16 (16-bit in, float32 accumulate). The online softmax
+// stays in registers: the S accumulator fragment of two n8 tiles is exactly the A fragment of one k16
+// step of P V, so P never touches shared memory. V fragments come from ldmatrix.trans.
+//
+// Masks are computed in-kernel: keys at or beyond L_b (kv_lengths) and padded keys are -inf; causal is
+// bottom-right aligned (query i sees key j iff j <= i + L_b - Nq). A row that sees no key gets zeros and
+// lse = -inf. Tiles past the last visible key of the CTA are never loaded.
+//
+// Split-KV: with num_splits > 1, blockIdx.z takes a contiguous range of key tiles and writes a
+// normalised float32 partial output and its lse; a combine kernel merges them by their lse weights.
+//
+// Head dims: q/k and v are zero-padded (by cp.async's zero fill) to one compile-time D in {32, 64, 128};
+// real dims must be multiples of 8 (16-byte rows). Zero-filled rows and columns make out-of-range
+// reads harmless (0, never garbage that 0 * inf could turn into NaN).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAException.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention.h"
+
+namespace perceiver_kernels {
+namespace {
+
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte global -> shared copy; `valid == false` writes 16 zero bytes instead (src-size 0 reads nothing).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+               "r"(src_size));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Two 8x8 16-bit matrices, transposed: thread i gets rows 2(i%4), 2(i%4)+1 of column i/4 of each, which
+// is the B fragment (k16 x n8, "col") of mma.m16n8k16 when the rows are keys and the columns head dims.
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&frag)[2], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(frag[0]), "=r"(frag[1])
+               : "r"(shared_address(row_address)));
+}
+
+template <typename T>
+struct Types;
+
+template <>
+struct Types<__half> {
+  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct Types<__nv_bfloat16> {
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// Copies rows [first_row, first_row + ROWS) x columns [0, D) of a row-major global tile into shared
+// memory (row stride D + 8); rows >= rows_valid and columns >= cols_valid are zero-filled.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int first_row, int rows_valid,
+                                          int cols_valid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kStride = D + 8;
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    const bool valid = first_row + r < rows_valid && col < cols_valid;
+    const T* from = valid ? src + static_cast<int64_t>(first_row + r) * row_stride + col : src;
+    cp_async_16(dst + r * kStride + col, from, valid);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(const AttentionParams p) {
+  using Ops = Types<T>;
+  constexpr int kStride = D + 8;  // +16 bytes per row: rows stay 16-byte aligned, banks are staggered
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* q_smem = reinterpret_cast<T*>(smem);
+  T* k_smem = q_smem + kBlockM * kStride;  // two buffers
+  T* v_smem = k_smem + 2 * kBlockN * kStride;  // two buffers
+
+  const int bh = blockIdx.x;
+  const int b = bh / p.heads;
+  const int h = bh % p.heads;
+  const int m0 = blockIdx.y * kBlockM;
+  const int split = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4;  // the fragment row this thread holds (and +8)
+  const int quad = lane % 4;   // which column pair
+
+  int length = p.num_keys;
+  if (p.kv_lengths != nullptr) {
+    const int64_t given = p.kv_lengths[b];
+    length = static_cast<int>(given < 0 ? 0 : (given > p.num_keys ? p.num_keys : given));
+  }
+  // The last key any row of this CTA can see (causal: the CTA's last row's diagonal).
+  int key_end = length;
+  if (p.causal) {
+    const int last_row = min(m0 + kBlockM, p.num_queries) - 1;
+    key_end = max(0, min(length, last_row + length - p.num_queries + 1));
+  }
+  const int num_tiles = (key_end + kBlockN - 1) / kBlockN;
+  const int tiles_per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
+  const int tile_begin = split * tiles_per_split;
+  const int tile_end = min(num_tiles, tile_begin + tiles_per_split);
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const float scale_log2 = p.scale * kLog2e;
+
+  load_tile<T, D, kBlockM>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
+  if (tile_begin < tile_end) {
+    load_tile<T, D, kBlockN>(k_smem, k_base, p.k_row_stride, tile_begin * kBlockN, length, p.head_dim_qk);
+    load_tile<T, D, kBlockN>(v_smem, v_base, p.v_row_stride, tile_begin * kBlockN, length, p.head_dim_v);
+  }
+  cp_async_commit();
+
+  float row_max[2] = {-INFINITY, -INFINITY};  // raw (unscaled) score maxima of rows group, group + 8
+  float row_sum[2] = {0.f, 0.f};              // this thread's share of the softmax denominators
+  float acc[D / 8][4];
+#pragma unroll
+  for (int jd = 0; jd < D / 8; ++jd) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[jd][e] = 0.f;
+  }
+  uint32_t q_frag[D / 16][4];
+  const int row0 = m0 + warp * 16 + group;
+  const int row1 = row0 + 8;
+
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int buffer = (tile - tile_begin) & 1;
+    if (tile + 1 < tile_end) {  // prefetch the next tile into the other buffer
+      load_tile<T, D, kBlockN>(k_smem + (buffer ^ 1) * kBlockN * kStride, k_base, p.k_row_stride,
+                               (tile + 1) * kBlockN, length, p.head_dim_qk);
+      load_tile<T, D, kBlockN>(v_smem + (buffer ^ 1) * kBlockN * kStride, v_base, p.v_row_stride,
+                               (tile + 1) * kBlockN, length, p.head_dim_v);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the prefetch has landed (Q came with the first group)
+    __syncthreads();
+
+    if (tile == tile_begin) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const T* q_row = q_smem + (warp * 16 + group) * kStride + kk * 16 + 2 * quad;
+        q_frag[kk][0] = *reinterpret_cast<const uint32_t*>(q_row);
+        q_frag[kk][1] = *reinterpret_cast<const uint32_t*>(q_row + 8 * kStride);
+        q_frag[kk][2] = *reinterpret_cast<const uint32_t*>(q_row + 8);
+        q_frag[kk][3] = *reinterpret_cast<const uint32_t*>(q_row + 8 * kStride + 8);
+      }
+    }
+
+    // S = Q K^T for this warp's 16 rows x 64 keys: s[j] is the n8 tile of keys j*8..j*8+7.
+    const T* k_tile = k_smem + buffer * kBlockN * kStride;
+    float s[kBlockN / 8][4];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const T* k_row = k_tile + (j * 8 + group) * kStride + kk * 16 + 2 * quad;
+        const uint32_t k_frag[2] = {*reinterpret_cast<const uint32_t*>(k_row),
+                                    *reinterpret_cast<const uint32_t*>(k_row + 8)};
+        Ops::mma(s[j], q_frag[kk], k_frag);
+      }
+    }
+
+    // Masks. Element e of s[j] is (row group + 8 * (e / 2), key j * 8 + 2 * quad + e % 2).
+    const int n0 = tile * kBlockN;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int key = n0 + j * 8 + 2 * quad + c;
+        bool visible = key < length;
+        if (visible && p.key_padding_mask != nullptr) {
+          visible = !p.key_padding_mask[b * p.mask_batch_stride + key * p.mask_row_stride];
+        }
+        const int diagonal = length - p.num_queries;  // causal: key <= row + diagonal
+        if (!visible || (p.causal && key > row0 + diagonal)) s[j][c] = -INFINITY;
+        if (!visible || (p.causal && key > row1 + diagonal)) s[j][2 + c] = -INFINITY;
+      }
+    }
+
+    // Online softmax, per row; the 4 threads of a quad share a row.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = row_max[r];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+      // A row with nothing visible yet keeps max -inf; exponentiate against 0 so that exp2(-inf) = 0.
+      const float base = tile_max == -INFINITY ? 0.f : tile_max * scale_log2;
+      const float rescale = exp2f(row_max[r] * scale_log2 - base);
+      row_max[r] = tile_max;
+      row_sum[r] *= rescale;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float prob = exp2f(s[j][2 * r + c] * scale_log2 - base);
+          s[j][2 * r + c] = prob;
+          row_sum[r] += prob;
+        }
+      }
+#pragma unroll
+      for (int jd = 0; jd < D / 8; ++jd) {
+        acc[jd][2 * r] *= rescale;
+        acc[jd][2 * r + 1] *= rescale;
+      }
+    }
+
+    // O += P V. The accumulators of key tiles 2kk and 2kk+1 form the A fragment of k-step kk.
+    const T* v_tile = v_smem + buffer * kBlockN * kStride;
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t p_frag[4] = {Ops::pack(s[2 * kk][0], s[2 * kk][1]), Ops::pack(s[2 * kk][2], s[2 * kk][3]),
+                                  Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int jd = 0; jd < D / 8; ++jd) {
+        // Lanes 0-7 address keys kk*16 + 0..7 (matrix 0), lanes 8-15 keys kk*16 + 8..15 (matrix 1).
+        uint32_t v_frag[2];
+        ldmatrix_x2_trans(v_frag, v_tile + (kk * 16 + (lane & 15)) * kStride + jd * 8);
+        Ops::mma(acc[jd], p_frag, v_frag);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: full denominators, normalise, write out and lse (natural log of the scaled scores).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float total = row_sum[r];
+    total += __shfl_xor_sync(0xffffffff, total, 1);
+    total += __shfl_xor_sync(0xffffffff, total, 2);
+    const int row = r == 0 ? row0 : row1;
+    if (row >= p.num_queries) continue;
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float lse = total > 0.f ? row_max[r] * p.scale + logf(total) : -INFINITY;
+    if (p.num_splits == 1) {
+      T* out_row = static_cast<T*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride;
+#pragma unroll
+      for (int jd = 0; jd < D / 8; ++jd) {
+        const int d = jd * 8 + 2 * quad;
+        if (d < p.head_dim_v) {
+          *reinterpret_cast<uint32_t*>(out_row + d) = Ops::pack(acc[jd][2 * r] * inv, acc[jd][2 * r + 1] * inv);
+        }
+      }
+      if (quad == 0) p.lse[(static_cast<int64_t>(b) * p.heads + h) * p.num_queries + row] = lse;
+    } else {
+      const int64_t slot = ((static_cast<int64_t>(split) * p.batch + b) * p.heads + h) * p.num_queries + row;
+      float* out_row = p.out_partial + slot * p.head_dim_v;
+#pragma unroll
+      for (int jd = 0; jd < D / 8; ++jd) {
+        const int d = jd * 8 + 2 * quad;
+        if (d < p.head_dim_v) {
+          out_row[d] = acc[jd][2 * r] * inv;
+          out_row[d + 1] = acc[jd][2 * r + 1] * inv;
+        }
+      }
+      if (quad == 0) p.lse_partial[slot] = lse;
+    }
+  }
+}
+
+// Merges the splits of one (batch, head, row): weights exp(lse_s - max lse), normalised.
+template <typename T>
+__global__ void combine_splits_kernel(const AttentionParams p) {
+  const int64_t index = blockIdx.x;  // (b * H + h) * Nq + row
+  const int row = static_cast<int>(index % p.num_queries);
+  const int64_t bh = index / p.num_queries;
+  const int b = static_cast<int>(bh / p.heads);
+  const int h = static_cast<int>(bh % p.heads);
+  const int64_t split_stride = static_cast<int64_t>(p.batch) * p.heads * p.num_queries;
+  float max_lse = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) max_lse = fmaxf(max_lse, p.lse_partial[s * split_stride + index]);
+  float total = 0.f;
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float lse = p.lse_partial[s * split_stride + index];
+    total += lse == -INFINITY ? 0.f : expf(lse - max_lse);
+  }
+  T* out_row = static_cast<T*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride;
+  for (int d = threadIdx.x; d < p.head_dim_v; d += blockDim.x) {
+    float value = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float lse = p.lse_partial[s * split_stride + index];
+      if (lse != -INFINITY) value += expf(lse - max_lse) * p.out_partial[(s * split_stride + index) * p.head_dim_v + d];
+    }
+    out_row[d] = Types<T>::from_float(total > 0.f ? value / total : 0.f);
+  }
+  if (threadIdx.x == 0) p.lse[index] = total > 0.f ? max_lse + logf(total) : -INFINITY;
+}
+
+template <typename T, int D>
+void run_forward(const AttentionParams& p, cudaStream_t stream) {
+  constexpr size_t smem_bytes = static_cast<size_t>(kBlockM + 4 * kBlockN) * (D + 8) * sizeof(T);
+  auto kernel = attention_forward_kernel<T, D>;
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  }
+  const dim3 grid(p.batch * p.heads, (p.num_queries + kBlockM - 1) / kBlockM, p.num_splits);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.num_splits > 1) {
+    combine_splits_kernel<T><<<static_cast<unsigned>(p.batch * p.heads * p.num_queries), 64, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+bool dispatch_head_dim(const AttentionParams& p, int padded_head_dim, cudaStream_t stream) {
+  switch (padded_head_dim) {
+    case 32:
+      run_forward<T, 32>(p, stream);
+      return true;
+    case 64:
+      run_forward<T, 64>(p, stream);
+      return true;
+    case 128:
+      run_forward<T, 128>(p, stream);
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+bool launch_attention_forward(const AttentionParams& params, DType dtype, int padded_head_dim, cudaStream_t stream) {
+  if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(params, padded_head_dim, stream);
+  return dispatch_head_dim<__nv_bfloat16>(params, padded_head_dim, stream);
+}
+
+}  // namespace perceiver_kernels

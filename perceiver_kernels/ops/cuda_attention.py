@@ -1,0 +1,126 @@
+"""``perceiver_kernels::cuda_attention_fwd``: the CUDA C++ forward (``csrc/``) as a PyTorch op.
+
+The schema and the CUDA implementation are registered in C++ (``TORCH_LIBRARY_FRAGMENT``) when the
+extension loads; this module adds what the contract needs around them, once:
+
+* a CPU implementation of the schema: the PyTorch reference (so the registration is testable, with
+  ``opcheck``, on a machine without a GPU);
+* a fake implementation (``torch.compile``, meta tensors);
+* autograd. The CUDA C++ backward is not written yet: the gradient is the Triton backward op, which
+  takes exactly the same arguments plus ``(out, lse)``, so both backends share one contract.
+
+What the CUDA kernels support is decided here too (:func:`unsupported_reason`), before the op runs,
+so that ``backend="cuda"`` raises a clear error naming the feature and ``backend="auto"`` can choose
+Triton instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import configs
+from ..reference import attention_reference
+from ..rotary import rotate
+from . import cuda_extension
+from .triton_attention import triton_attention_bwd
+
+OP = "perceiver_kernels::cuda_attention_fwd"
+MAX_HEAD_DIM = 128
+BLOCK_M = BLOCK_N = 64  # the kernel's tile (csrc/attention_fwd.cu)
+
+_registered = False
+
+
+def load() -> str | None:
+    """Load the extension and register the Python side of the op once; None, or why it is unavailable."""
+    global _registered
+    reason = cuda_extension.load()
+    if reason is None and not _registered:
+        torch.library.register_kernel(OP, "cpu", _reference_impl)
+        torch.library.register_fake(OP, _fake_impl)
+        torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+        _registered = True
+    return reason
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, rotary_dim: int, kv_index: Tensor | None) -> str | None:
+    """Why the CUDA kernels cannot run these (already validated) inputs, or None."""
+    if q.device.type != "cuda":
+        return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA backend computes float16 and bfloat16 so far, not {q.dtype}"
+    if rotary_dim:
+        return "rotary embeddings are not in the CUDA kernels yet"
+    if kv_index is not None:
+        return "kv_index (prefix dropout) is not in the CUDA kernels yet"
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dqk % 8 or dv % 8 or dqk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        return f"the CUDA kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {dqk} and {dv}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() and (t.data_ptr() % 16 or any(t.stride(d) % 8 for d in range(3) if t.shape[d] > 1)):
+            return f"{name} is not laid out in 16-byte rows (strides {t.stride()}), which the CUDA kernels copy"
+    return None
+
+
+def cuda_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    kv_lengths: Tensor | None = None,
+    scale: float,
+    num_splits: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Differentiable CUDA attention ``(out, lse)``; arguments as in ``pk.attention`` (validated, and
+    supported per :func:`unsupported_reason`). ``num_splits`` 0: the split-KV heuristic of
+    ``kernels/configs.py`` (shared with the Triton forward)."""
+    if num_splits == 0:
+        batch, heads, num_queries, num_keys = k.shape[0], q.shape[2], q.shape[1], k.shape[1]
+        base_programs = batch * heads * configs.cdiv(num_queries, BLOCK_M)
+        num_splits = configs.num_kv_splits(base_programs, configs.cdiv(num_keys, BLOCK_N), q.device.index or 0)
+    return torch.ops.perceiver_kernels.cuda_attention_fwd(
+        q, k, v, key_padding_mask, kv_lengths, None, None, None, 0, True, causal, float(scale), num_splits
+    )
+
+
+def _reference_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
+                    causal, scale, num_splits):  # fmt: skip
+    """The schema on CPU: the reference, rotating by the given cos/sin tables ``(2, 1|B, N, R/2)``."""
+    if rotary_dim:
+        q = rotate(q, q_rope[0], q_rope[1], rotary_dim, rotary_interleaved)
+        k = rotate(k, k_rope[0], k_rope[1], rotary_dim, rotary_interleaved)
+    out, lse = attention_reference(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, scale=scale,
+        return_lse=True, kv_index=kv_index,
+    )  # fmt: skip
+    batch = k.shape[0]
+    return out.expand(batch, -1, -1, -1).contiguous(), lse.to(torch.float32).contiguous()
+
+
+def _fake_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
+               causal, scale, num_splits):  # fmt: skip
+    batch, num_queries, heads = k.shape[0], q.shape[1], q.shape[2]
+    out = q.new_empty((batch, num_queries, heads, v.shape[3]))
+    return out, q.new_empty((batch, heads, num_queries), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, interleaved, causal, scale, splits = (
+        inputs
+    )
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    ctx.options = (rotary_dim, interleaved, causal, scale, 0)  # the backward chooses its own split
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = triton_attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, *ctx.options
+    )
+    return dq, dk, dv, *([None] * 10)

@@ -1,0 +1,160 @@
+"""The CUDA C++ backend (csrc/): the extension builds (for sm_80 and sm_90a) and registers its op; the
+op's CPU implementation and registrations pass ``opcheck``; on a GPU the kernels match the float64
+reference (forward and lse; the gradients come from the Triton backward) on the features they cover,
+and everything else is refused with a reason."""
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from perceiver_kernels.ops import cuda_attention, cuda_extension
+from perceiver_kernels.rotary import rotary_tables
+from perceiver_kernels.testing import AttentionCase, check_case, make_inputs
+
+CAN_BUILD = torch.version.cuda is not None and cuda_extension.find_cuda_home() is not None
+
+
+def test_extension_builds_and_registers_or_says_why():
+    """Where torch is a CUDA build and a toolkit is found (CI), a compile error fails here."""
+    reason = cuda_attention.load()
+    if CAN_BUILD:
+        assert reason is None, reason
+        assert hasattr(torch.ops.perceiver_kernels, "cuda_attention_fwd")
+    else:
+        assert isinstance(reason, str) and reason
+
+
+def test_arch_flags_cover_sm80_with_ptx_and_sm90a():
+    assert cuda_extension.arch_flags("8.0;9.0a") == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_80,code=compute_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+
+
+needs_extension = pytest.mark.skipif(not CAN_BUILD, reason="no CUDA extension here (CPU torch or no nvcc)")
+
+
+def op_args(case: AttentionCase, dtype=torch.float32, device="cpu", num_splits=1):
+    inputs = make_inputs(case, dtype, device)
+    q_rope = k_rope = None
+    if case.rotary_dim:
+        q_pos = torch.arange(case.nk - case.nq, case.nk, device=device)[None]
+        k_pos = torch.arange(case.nk, device=device)[None]
+        q_rope = torch.stack(rotary_tables(q_pos, case.rotary_dim, 10000.0))
+        k_rope = torch.stack(rotary_tables(k_pos, case.rotary_dim, 10000.0))
+    return (
+        inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["kv_lengths"],
+        inputs.get("kv_index"), q_rope, k_rope, case.rotary_dim, case.rotary_interleaved, case.causal,
+        case.dqk**-0.5, num_splits,
+    )  # fmt: skip
+
+
+CPU_SCHEMA_CASES = {
+    "plain": AttentionCase(batch=2, nq=5, nk=17),
+    "broadcast-causal-padding": AttentionCase(batch=2, q_batch=1, nq=5, nk=17, causal=True, pad_fraction=0.3),
+    "kv-lengths": AttentionCase(batch=3, nq=4, nk=9, kv_lengths=(0, 9, 3)),
+    "rotary-prefix-dropout": AttentionCase(batch=2, nq=4, nk=12, causal=True, rotary_dim=8, prefix_dropout=True),
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("name", list(CPU_SCHEMA_CASES))
+def test_cpu_schema_is_the_reference(name):
+    case = CPU_SCHEMA_CASES[name]
+    assert cuda_attention.load() is None
+    args = op_args(case)
+    out, lse = torch.ops.perceiver_kernels.cuda_attention_fwd(*args)
+    q, k, v, mask, lengths, kv_index = args[:6]
+    positions = {}
+    if case.rotary_dim:
+        positions = dict(rotary_dim=case.rotary_dim, q_positions=torch.arange(case.nk - case.nq, case.nk)[None],
+                         k_positions=torch.arange(case.nk)[None])  # fmt: skip
+    expected, expected_lse = pk.attention_reference(
+        q, k, v, causal=case.causal, key_padding_mask=mask, kv_lengths=lengths, kv_index=kv_index,
+        return_lse=True, **positions,
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, expected_lse)
+
+
+@needs_extension
+@pytest.mark.parametrize("name", ["plain", "broadcast-causal-padding"])
+def test_opcheck_cpu_schema(name):
+    """Schema, fake implementation, autograd registration and AOT dispatch of the op (CPU implementation)."""
+    assert cuda_attention.load() is None
+    torch.library.opcheck(torch.ops.perceiver_kernels.cuda_attention_fwd, op_args(CPU_SCHEMA_CASES[name]))
+
+
+# -- GPU: the kernels ------------------------------------------------------------------------------
+
+GPU_DTYPES = [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")]
+GPU_CASES = {
+    "plain": AttentionCase(batch=2, nq=33, nk=129, heads=3, dqk=24, dv=40),
+    "single-row": AttentionCase(batch=2, nq=1, nk=300, heads=2, dqk=64, dv=64),
+    "queries-exceed-keys": AttentionCase(batch=2, nq=100, nk=17, heads=2, dqk=32, dv=32, causal=True),
+    "causal": AttentionCase(batch=2, nq=100, nk=300, heads=2, dqk=64, dv=64, causal=True),
+    "causal-equal-lengths": AttentionCase(batch=2, nq=100, nk=100, causal=True),
+    "broadcast-query": AttentionCase(batch=3, q_batch=1, nq=33, nk=129, heads=2),
+    "broadcast-query-causal": AttentionCase(batch=3, q_batch=1, nq=20, nk=70, causal=True),
+    "padding": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3),
+    "padding-all-padded-sample": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3, all_padded_sample=True),
+    "padding-causal": AttentionCase(batch=3, nq=33, nk=129, causal=True, pad_fraction=0.3),
+    "kv-lengths": AttentionCase(batch=4, nq=5, nk=129, kv_lengths=(0, 129, 64, 1)),
+    "kv-lengths-causal": AttentionCase(batch=4, nq=33, nk=129, causal=True, kv_lengths=(0, 129, 40, 17)),
+    "kv-lengths-and-padding": AttentionCase(batch=3, nq=17, nk=100, pad_fraction=0.2, kv_lengths=(100, 50, 3)),
+    "permuted": AttentionCase(batch=2, nq=33, nk=129, heads=3, permuted=True),
+    "head-dims-96-128": AttentionCase(nq=33, nk=129, dqk=96, dv=128, causal=True, pad_fraction=0.2),
+    "qk-32-v-128": AttentionCase(nq=65, nk=200, dqk=32, dv=128),
+    "head-dim-8": AttentionCase(nq=9, nk=70, dqk=8, dv=8),
+}
+
+
+def cuda_fn(num_splits: int = 0):
+    def fn(q, k, v, **kw):
+        return cuda_attention.cuda_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
+
+    return fn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_kernels_match_reference(name, num_splits, dtype, device):
+    assert cuda_attention.load() is None
+    results = check_case(GPU_CASES[name], dtype, device, cuda_fn(num_splits))
+    failed = {n: f"err {c.max_abs_error:.2e} > limit {c.limit:.2e}" for n, c in results.items() if not c.ok}
+    assert not failed, f"{GPU_CASES[name].describe()} {dtype} splits={num_splits}: {failed}"
+
+
+@pytest.mark.gpu
+def test_public_api_runs_the_cuda_kernels(device):
+    q, k, v = (torch.randn(2, 70, 4, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    out = pk.attention(q, k, v, causal=True, backend="cuda")
+    torch.testing.assert_close(out, pk.attention(q, k, v, causal=True, backend="reference"), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(dtype=torch.float32), "float16 and bfloat16"),
+        (dict(dqk=100), "multiples of 8 up to 128"),
+        (dict(dv=160), "multiples of 8 up to 128"),
+        (dict(rotary_dim=16), "rotary"),
+        (dict(kv_index=True), "kv_index"),
+    ],
+)
+def test_unsupported_inputs_are_refused_with_the_reason(overrides, words, device):
+    dtype, dqk, dv = overrides.get("dtype", torch.float16), overrides.get("dqk", 32), overrides.get("dv", 32)
+    q, k = (torch.randn(2, 16, 2, dqk, device=device, dtype=dtype) for _ in range(2))
+    v = torch.randn(2, 16, 2, dv, device=device, dtype=dtype)
+    kwargs = {}
+    if "rotary_dim" in overrides:
+        kwargs["rotary_dim"] = overrides["rotary_dim"]
+    if "kv_index" in overrides:
+        kwargs["kv_index"] = torch.arange(8, device=device).expand(2, -1)
+    with pytest.raises(ValueError, match=f"backend='cuda' cannot run these inputs: .*{words}"):
+        pk.attention(q, k, v, backend="cuda", **kwargs)
+    pk.attention(q, k, v, backend="auto", **kwargs)  # auto runs them (Triton)
