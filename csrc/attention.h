@@ -34,10 +34,39 @@ struct AttentionParams {
   int num_splits;
 };
 
+// The backward: dK, dV per key block (one CTA owns 64 keys of one (batch, head)); dQ accumulated in
+// float32 with atomics across key blocks (and across the batch for a broadcast query).
+struct BackwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* grad_out;  // (B, Nq, H, Dv)
+  const float* lse;      // (B, H, Nq)
+  const float* delta;    // (B, H, Nq): rowsum(dO * O) - dlse
+  float* dq_accum;       // (Bq, Nq, H, Dqk) float32, zero-initialised
+  void* dk;              // (B, Nk, H, Dqk), contiguous
+  void* dv;              // (B, Nk, H, Dv), contiguous
+  const bool* key_padding_mask;
+  const int64_t* kv_lengths;
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;  // q_batch_stride 0: broadcast query
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;  // dq_batch_stride 0 with a broadcast query
+  int64_t mask_batch_stride, mask_row_stride;
+
+  int batch, heads, num_queries, num_keys;
+  int head_dim_qk, head_dim_v;
+  float scale;
+  bool causal;
+};
+
 enum class DType { kFloat16, kBFloat16 };
 
 // Runs the forward (and, with num_splits > 1, the combine) on `stream`. Returns false when no kernel
 // is compiled for this head-dim group (the host code checks before, so this is a bug guard).
 bool launch_attention_forward(const AttentionParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
+bool launch_attention_backward(const BackwardParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
 
 }  // namespace perceiver_kernels

@@ -28,92 +28,16 @@
 #include <cstdint>
 
 #include "attention.h"
+#include "device_utils.cuh"
 
 namespace perceiver_kernels {
 namespace {
 
+using namespace detail;
+
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte global -> shared copy; `valid == false` writes 16 zero bytes instead (src-size 0 reads nothing).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
-               "r"(src_size));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Two 8x8 16-bit matrices, transposed: thread i gets rows 2(i%4), 2(i%4)+1 of column i/4 of each, which
-// is the B fragment (k16 x n8, "col") of mma.m16n8k16 when the rows are keys and the columns head dims.
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&frag)[2], const void* row_address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(frag[0]), "=r"(frag[1])
-               : "r"(shared_address(row_address)));
-}
-
-template <typename T>
-struct Types;
-
-template <>
-struct Types<__half> {
-  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-template <>
-struct Types<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-// Copies rows [first_row, first_row + ROWS) x columns [0, D) of a row-major global tile into shared
-// memory (row stride D + 8); rows >= rows_valid and columns >= cols_valid are zero-filled.
-template <typename T, int D, int ROWS>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int first_row, int rows_valid,
-                                          int cols_valid) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kStride = D + 8;
-  for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
-    const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
-    const bool valid = first_row + r < rows_valid && col < cols_valid;
-    const T* from = valid ? src + static_cast<int64_t>(first_row + r) * row_stride + col : src;
-    cp_async_16(dst + r * kStride + col, from, valid);
-  }
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const AttentionParams p) {
   using Ops = Types<T>;
@@ -133,11 +57,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   const int group = lane / 4;  // the fragment row this thread holds (and +8)
   const int quad = lane % 4;   // which column pair
 
-  int length = p.num_keys;
-  if (p.kv_lengths != nullptr) {
-    const int64_t given = p.kv_lengths[b];
-    length = static_cast<int>(given < 0 ? 0 : (given > p.num_keys ? p.num_keys : given));
-  }
+  const int length = valid_length(p.kv_lengths, b, p.num_keys);
   // The last key any row of this CTA can see (causal: the CTA's last row's diagonal).
   int key_end = length;
   if (p.causal) {
@@ -154,10 +74,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
   const float scale_log2 = p.scale * kLog2e;
 
-  load_tile<T, D, kBlockM>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
+  load_tile<T, D, kBlockM, kThreads>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
   if (tile_begin < tile_end) {
-    load_tile<T, D, kBlockN>(k_smem, k_base, p.k_row_stride, tile_begin * kBlockN, length, p.head_dim_qk);
-    load_tile<T, D, kBlockN>(v_smem, v_base, p.v_row_stride, tile_begin * kBlockN, length, p.head_dim_v);
+    load_tile<T, D, kBlockN, kThreads>(k_smem, k_base, p.k_row_stride, tile_begin * kBlockN, length, p.head_dim_qk);
+    load_tile<T, D, kBlockN, kThreads>(v_smem, v_base, p.v_row_stride, tile_begin * kBlockN, length, p.head_dim_v);
   }
   cp_async_commit();
 
@@ -176,9 +96,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buffer = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {  // prefetch the next tile into the other buffer
-      load_tile<T, D, kBlockN>(k_smem + (buffer ^ 1) * kBlockN * kStride, k_base, p.k_row_stride,
+      load_tile<T, D, kBlockN, kThreads>(k_smem + (buffer ^ 1) * kBlockN * kStride, k_base, p.k_row_stride,
                                (tile + 1) * kBlockN, length, p.head_dim_qk);
-      load_tile<T, D, kBlockN>(v_smem + (buffer ^ 1) * kBlockN * kStride, v_base, p.v_row_stride,
+      load_tile<T, D, kBlockN, kThreads>(v_smem + (buffer ^ 1) * kBlockN * kStride, v_base, p.v_row_stride,
                                (tile + 1) * kBlockN, length, p.head_dim_v);
     }
     cp_async_commit();

@@ -1,5 +1,5 @@
-// Registration of the CUDA C++ backend: the schema of perceiver_kernels::cuda_attention_fwd (the same
-// arguments as the Triton op, so both backends share one contract) and its CUDA implementation. The
+// Registration of the CUDA C++ backend: the schemas of perceiver_kernels::cuda_attention_fwd / _bwd (the
+// same arguments as the Triton ops, so both backends share one contract) and their CUDA implementations. The
 // CPU implementation (the reference), the fake implementation and autograd are registered in Python
 // (perceiver_kernels/ops/cuda_attention.py).
 //
@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,7 +26,7 @@
 namespace perceiver_kernels {
 namespace {
 
-constexpr const char* kOp = "perceiver_kernels::cuda_attention_fwd: ";
+constexpr const char* kOp = "perceiver_kernels::cuda_attention: ";
 
 std::string shape_of(const at::Tensor& t) { return c10::str(t.sizes()); }
 
@@ -45,14 +47,11 @@ int padded_head_dim(int64_t head_dim_qk, int64_t head_dim_v) {
   return widest <= 32 ? 32 : (widest <= 64 ? 64 : 128);
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& kv_index,
-    const std::optional<at::Tensor>& q_rope, const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
-    bool rotary_interleaved, bool causal, double scale, int64_t num_splits) {
-  (void)q_rope;
-  (void)k_rope;
-  (void)rotary_interleaved;
+// The checks both ops share: shapes, devices, dtypes, head dims, layouts, masks. Returns kv_lengths as an
+// int64 tensor (a device-side cast: no synchronisation) or an undefined tensor.
+at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
+                        const std::optional<at::Tensor>& kv_index, int64_t rotary_dim, double scale) {
   TORCH_CHECK(!kv_index.has_value(), kOp, "kv_index (prefix dropout) is not supported by the CUDA backend yet");
   TORCH_CHECK(rotary_dim == 0, kOp, "rotary embeddings (rotary_dim=", rotary_dim,
               ") are not supported by the CUDA backend yet");
@@ -75,14 +74,48 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
   TORCH_CHECK(head_dim_qk % 8 == 0 && head_dim_v % 8 == 0 && head_dim_qk <= 128 && head_dim_v <= 128, kOp,
               "head dims must be multiples of 8 up to 128 on the CUDA backend, got Dqk=", head_dim_qk,
               ", Dv=", head_dim_v);
-  TORCH_CHECK(scale > 0, kOp, "scale must be positive, got ", scale);
+  // The kernels keep the running max of unscaled scores: a non-positive (or float-underflowing) scale
+  // would turn -inf masks into NaN. Python routes such calls to Triton (cuda_attention.unsupported_reason).
+  TORCH_CHECK(static_cast<float>(scale) > 0 && std::isfinite(static_cast<float>(scale)), kOp,
+              "the CUDA kernels need a positive float32 scale, got ", scale);
   check_layout(q, "q");
   check_layout(k, "k");
   check_layout(v, "v");
-  TORCH_CHECK(batch * heads <= INT32_MAX && num_queries <= INT32_MAX && num_keys <= INT32_MAX, kOp,
-              "sizes beyond int32 are not supported");
+  // Grid limits: B*H CTAs in x; query blocks (forward) and key blocks (backward) of 64 in y (<= 65535);
+  // the split-KV combine launches B*H*Nq CTAs in x.
+  TORCH_CHECK(batch * heads * std::max<int64_t>(num_queries, 1) <= INT32_MAX, kOp, "B * H * Nq = ",
+              batch * heads * num_queries, " exceeds the CUDA kernels' int32 grid");
+  TORCH_CHECK((num_queries + 63) / 64 <= 65535 && (num_keys + 63) / 64 <= 65535, kOp,
+              "Nq and Nk must be at most 65535 * 64 on the CUDA backend, got ", num_queries, " and ", num_keys);
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == batch &&
+                    mask.size(1) == num_keys,
+                kOp, "key_padding_mask must be bool (", batch, ", ", num_keys, "), got ", mask.scalar_type(), " ",
+                shape_of(mask));
+    TORCH_CHECK(mask.device() == q.device(), kOp, "key_padding_mask must be on ", q.device());
+  }
+  if (!kv_lengths.has_value()) return {};
+  TORCH_CHECK(kv_lengths->dim() == 1 && kv_lengths->size(0) == batch &&
+                  (kv_lengths->scalar_type() == at::kInt || kv_lengths->scalar_type() == at::kLong),
+              kOp, "kv_lengths must be int32/int64 (", batch, "), got ", kv_lengths->scalar_type(), " ",
+              shape_of(*kv_lengths));
+  TORCH_CHECK(kv_lengths->device() == q.device(), kOp, "kv_lengths must be on ", q.device());
+  return kv_lengths->to(at::kLong).contiguous();
+}
 
+std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& kv_index,
+    const std::optional<at::Tensor>& q_rope, const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
+    bool rotary_interleaved, bool causal, double scale, int64_t num_splits) {
+  (void)q_rope;
+  (void)k_rope;
+  (void)rotary_interleaved;
+  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, rotary_dim, scale);
   const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
+  const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
   auto out = at::empty({batch, num_queries, heads, head_dim_v}, q.options());
   auto lse = at::empty({batch, heads, num_queries}, q.options().dtype(at::kFloat));
   if (batch == 0 || heads == 0 || num_queries == 0) return {out, lse};
@@ -106,28 +139,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
   p.out_row_stride = out.stride(1);
   p.out_head_stride = out.stride(2);
 
-  at::Tensor mask;
   if (key_padding_mask.has_value()) {
-    mask = *key_padding_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == batch &&
-                    mask.size(1) == num_keys,
-                kOp, "key_padding_mask must be bool (", batch, ", ", num_keys, "), got ", mask.scalar_type(), " ",
-                shape_of(mask));
-    TORCH_CHECK(mask.device() == q.device(), kOp, "key_padding_mask must be on ", q.device());
-    p.key_padding_mask = mask.data_ptr<bool>();
-    p.mask_batch_stride = mask.stride(0);
-    p.mask_row_stride = mask.stride(1);
+    p.key_padding_mask = key_padding_mask->data_ptr<bool>();
+    p.mask_batch_stride = key_padding_mask->stride(0);
+    p.mask_row_stride = key_padding_mask->stride(1);
   }
-  at::Tensor lengths;
-  if (kv_lengths.has_value()) {
-    TORCH_CHECK(kv_lengths->dim() == 1 && kv_lengths->size(0) == batch &&
-                    (kv_lengths->scalar_type() == at::kInt || kv_lengths->scalar_type() == at::kLong),
-                kOp, "kv_lengths must be int32/int64 (", batch, "), got ", kv_lengths->scalar_type(), " ",
-                shape_of(*kv_lengths));
-    TORCH_CHECK(kv_lengths->device() == q.device(), kOp, "kv_lengths must be on ", q.device());
-    lengths = kv_lengths->to(at::kLong).contiguous();  // a device-side cast: no synchronisation
-    p.kv_lengths = lengths.data_ptr<int64_t>();
-  }
+  if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
 
   p.batch = static_cast<int>(batch);
   p.heads = static_cast<int>(heads);
@@ -137,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
   p.head_dim_v = static_cast<int>(head_dim_v);
   p.scale = static_cast<float>(scale);
   p.causal = causal;
-  p.num_splits = static_cast<int>(std::max<int64_t>(1, num_splits));
+  // More splits than key blocks would only allocate empty partials.
+  p.num_splits = static_cast<int>(std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, (num_keys + 63) / 64)));
 
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
@@ -153,6 +171,93 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
   return {out, lse};
 }
 
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
+    const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
+    const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
+    int64_t num_splits) {
+  (void)q_rope;
+  (void)k_rope;
+  (void)rotary_interleaved;
+  (void)num_splits;
+  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, rotary_dim, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
+  const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == batch && out.size(1) == num_queries &&
+                  out.size(2) == heads && out.size(3) == head_dim_v,
+              kOp, "grad_out and out must be (", batch, ", ", num_queries, ", ", heads, ", ", head_dim_v, "), got ",
+              shape_of(grad_out), " and ", shape_of(out));
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == batch && lse.size(1) == heads &&
+                  lse.size(2) == num_queries,
+              kOp, "lse must be float32 (", batch, ", ", heads, ", ", num_queries, "), got ", shape_of(lse));
+  auto dq_accum = at::zeros({q.size(0), num_queries, heads, head_dim_qk}, q.options().dtype(at::kFloat));
+  auto dk = at::empty({batch, num_keys, heads, head_dim_qk}, q.options());
+  auto dv = at::empty({batch, num_keys, heads, head_dim_v}, q.options());
+  if (batch == 0 || heads == 0 || num_keys == 0) return {dq_accum.to(q.scalar_type()), dk, dv};
+  if (num_queries == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};
+
+  // delta = rowsum(dO * O) - dlse, per (b, h, query): the softmax backward's row term (one fused pass
+  // of ATen ops on the current stream).
+  auto delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).permute({0, 2, 1});
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
+  delta = delta.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dout = grad_out;
+  if (dout.stride(3) != 1 || reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 != 0 || dout.stride(1) % 8 != 0 ||
+      dout.stride(2) % 8 != 0 || dout.stride(0) % 8 != 0) {
+    dout = grad_out.clone(at::MemoryFormat::Contiguous);  // e.g. the zero-stride gradient of out.sum()
+  }
+
+  BackwardParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.grad_out = dout.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.q_batch_stride = q.size(0) == 1 ? 0 : q.stride(0);
+  p.q_row_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0);
+  p.k_row_stride = k.stride(1);
+  p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0);
+  p.v_row_stride = v.stride(1);
+  p.v_head_stride = v.stride(2);
+  p.do_batch_stride = dout.stride(0);
+  p.do_row_stride = dout.stride(1);
+  p.do_head_stride = dout.stride(2);
+  p.dq_batch_stride = q.size(0) == 1 ? 0 : dq_accum.stride(0);
+  p.dq_row_stride = dq_accum.stride(1);
+  p.dq_head_stride = dq_accum.stride(2);
+  if (key_padding_mask.has_value()) {
+    p.key_padding_mask = key_padding_mask->data_ptr<bool>();
+    p.mask_batch_stride = key_padding_mask->stride(0);
+    p.mask_row_stride = key_padding_mask->stride(1);
+  }
+  if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(heads);
+  p.num_queries = static_cast<int>(num_queries);
+  p.num_keys = static_cast<int>(num_keys);
+  p.head_dim_qk = static_cast<int>(head_dim_qk);
+  p.head_dim_v = static_cast<int>(head_dim_v);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+  const bool launched =
+      launch_attention_backward(p, dtype, padded_head_dim(head_dim_qk, head_dim_v), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(launched, kOp, "no backward kernel compiled for head dims ", head_dim_qk, "/", head_dim_v);
+  return {dq_accum.to(q.scalar_type()), dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(perceiver_kernels, m) {
@@ -160,9 +265,16 @@ TORCH_LIBRARY_FRAGMENT(perceiver_kernels, m) {
       "cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_lengths, "
       "Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, int rotary_dim, bool rotary_interleaved, bool causal, "
       "float scale, int num_splits) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, Tensor? kv_lengths, Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, "
+      "int rotary_dim, bool rotary_interleaved, bool causal, float scale, int num_splits) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(perceiver_kernels, CUDA, m) { m.impl("cuda_attention_fwd", &cuda_attention_fwd); }
+TORCH_LIBRARY_IMPL(perceiver_kernels, CUDA, m) {
+  m.impl("cuda_attention_fwd", &cuda_attention_fwd);
+  m.impl("cuda_attention_bwd", &cuda_attention_bwd);
+}
 
 }  // namespace perceiver_kernels
 

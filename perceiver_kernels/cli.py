@@ -78,7 +78,8 @@ def _cuda_fn(num_splits: int):
     from .ops import cuda_attention
 
     def fn(q, k, v, causal, key_padding_mask, kv_lengths, rotary_dim=0, kv_index=None, **rotary):
-        if (reason := cuda_attention.unsupported_reason(q, k, v, rotary_dim, kv_index)) is not None:
+        reason = cuda_attention.unsupported_reason(q, k, v, rotary_dim, kv_index, q.shape[-1] ** -0.5)
+        if reason is not None:
             raise _Unsupported(reason)
         return cuda_attention.cuda_attention(
             q, k, v, causal=causal, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths,

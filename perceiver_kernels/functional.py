@@ -51,8 +51,8 @@ def attention(
         scale: score scale, default ``Dqk ** -0.5``.
         backend: ``"auto"`` (fastest correct backend for the inputs' device), ``"triton"``,
             ``"reference"``, ``"cuda"`` (the CUDA C++ forward; float16/bfloat16, head dims multiples of 8 up
-            to 128, no rotary or ``kv_index`` yet: other inputs raise, naming what is missing; its
-            backward is the Triton backward). ``"auto"`` does not choose ``"cuda"`` yet.
+            to 128, no rotary or ``kv_index`` yet: other inputs raise, naming what is missing).
+            ``"auto"`` does not choose ``"cuda"`` yet.
         return_lse: also return the log-sum-exp of the scaled scores.
         rotary_dim: rotate the first ``rotary_dim`` channels (even, ``<= Dqk``) of every q and k head
             by their positions (rotary embeddings, applied in float32 as tiles are loaded; nothing
@@ -98,7 +98,7 @@ def attention(
 def _cuda(q: Tensor, k: Tensor, v: Tensor, options: dict) -> tuple[Tensor, Tensor]:
     from .ops import cuda_attention
 
-    reason = cuda_attention.unsupported_reason(q, k, v, options["rotary_dim"], options["kv_index"])
+    reason = cuda_attention.unsupported_reason(q, k, v, options["rotary_dim"], options["kv_index"], options["scale"])
     if reason is not None:
         raise ValueError(f"backend='cuda' cannot run these inputs: {reason}; backend='triton' (or 'auto') can")
     return cuda_attention.cuda_attention(

@@ -31,16 +31,17 @@ def main() -> None:
             def rand(b, n, d, dtype=dtype, heads=heads):
                 return torch.randn(b, n, heads, d, device="cuda", generator=generator).to(dtype)
 
-            q, k, v = rand(q_batch, nq, dqk), rand(batch, nk, dqk), rand(batch, nk, dv)
+            q, k, v = (t.requires_grad_() for t in (rand(q_batch, nq, dqk), rand(batch, nk, dqk), rand(batch, nk, dv)))
             mask = torch.rand(batch, nk, device="cuda", generator=generator) < 0.3 if padding else None
             kv_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
             out, lse = cuda_attention.cuda_attention(
                 q, k, v, causal=causal, key_padding_mask=mask, kv_lengths=kv_lengths, scale=dqk**-0.5,
                 num_splits=splits,
             )  # fmt: skip
+            (out.float().square().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
             torch.cuda.synchronize()
-            assert torch.isfinite(out).all(), (batch, nq, nk, dqk, dv, dtype)
-    print(f"sanitizer cases: {len(CASES) * 2} forward calls ran")
+            assert torch.isfinite(out).all() and torch.isfinite(q.grad).all(), (batch, nq, nk, dqk, dv, dtype)
+    print(f"sanitizer cases: {len(CASES) * 2} forward and backward calls ran")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""The CUDA C++ backend (csrc/): the extension builds (for sm_80 and sm_90a) and registers its op; the
-op's CPU implementation and registrations pass ``opcheck``; on a GPU the kernels match the float64
-reference (forward and lse; the gradients come from the Triton backward) on the features they cover,
-and everything else is refused with a reason."""
+"""The CUDA C++ backend (csrc/): the extension builds (for sm_80 and sm_90a) and registers its ops; the
+ops' CPU implementations and registrations pass ``opcheck``; on a GPU the kernels match the float64
+reference (out, lse, dq, dk, dv) on the features they cover, and everything else is refused with a
+reason."""
 
 import pytest
 import torch
@@ -76,6 +76,42 @@ def test_cpu_schema_is_the_reference(name):
     )  # fmt: skip
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(lse, expected_lse)
+
+
+@needs_extension
+@pytest.mark.parametrize("name", list(CPU_SCHEMA_CASES))
+def test_cpu_backward_schema_is_the_reference(name):
+    case = CPU_SCHEMA_CASES[name]
+    assert cuda_attention.load() is None
+    args = op_args(case)
+    out, lse = torch.ops.perceiver_kernels.cuda_attention_fwd(*args)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.ops.perceiver_kernels.cuda_attention_bwd(grad_out, grad_lse, *args[:3], out, lse, *args[3:])
+    q, k, v = (t.detach().requires_grad_() for t in args[:3])
+    ref_out, ref_lse = torch.ops.perceiver_kernels.cuda_attention_fwd(q, k, v, *args[3:])
+    finite = torch.isfinite(ref_lse)
+    loss = (ref_out * grad_out).sum() + (torch.where(finite, ref_lse, 0.0) * grad_lse).sum()
+    for got, expected in zip(grads, torch.autograd.grad(loss, (q, k, v)), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@needs_extension
+def test_backward_fake_implementation():
+    """The backward op's fake implementation gives the gradients' shapes (opcheck of the forward runs the
+    backward through AOT dispatch; opcheck of the backward itself would differentiate the reference under
+    its fake mode, which functorch does not allow)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert cuda_attention.load() is None
+    args = op_args(CPU_SCHEMA_CASES["broadcast-causal-padding"])
+    out, lse = torch.ops.perceiver_kernels.cuda_attention_fwd(*args)
+    real = (torch.randn_like(out), torch.randn_like(lse), *args[:3], out, lse, *args[3:])
+    expected = torch.ops.perceiver_kernels.cuda_attention_bwd(*real)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in real]
+        grads = torch.ops.perceiver_kernels.cuda_attention_bwd(*fake)
+    assert [g.shape for g in grads] == [e.shape for e in expected]
+    assert [g.dtype for g in grads] == [e.dtype for e in expected]
 
 
 @needs_extension

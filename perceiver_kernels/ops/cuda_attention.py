@@ -1,13 +1,13 @@
-"""``perceiver_kernels::cuda_attention_fwd``: the CUDA C++ forward (``csrc/``) as a PyTorch op.
+"""``perceiver_kernels::cuda_attention_{fwd,bwd}``: the CUDA C++ kernels (``csrc/``) as PyTorch ops.
 
-The schema and the CUDA implementation are registered in C++ (``TORCH_LIBRARY_FRAGMENT``) when the
-extension loads; this module adds what the contract needs around them, once:
+The schemas (the Triton ops' arguments, so both backends share one contract) and the CUDA
+implementations are registered in C++ (``TORCH_LIBRARY_FRAGMENT``) when the extension loads; this module
+adds what the contract needs around them, once:
 
-* a CPU implementation of the schema: the PyTorch reference (so the registration is testable, with
+* a CPU implementation of each schema: the PyTorch reference (so the registration is testable, with
   ``opcheck``, on a machine without a GPU);
-* a fake implementation (``torch.compile``, meta tensors);
-* autograd. The CUDA C++ backward is not written yet: the gradient is the Triton backward op, which
-  takes exactly the same arguments plus ``(out, lse)``, so both backends share one contract.
+* fake implementations (``torch.compile``, meta tensors);
+* autograd: the forward's gradient is the backward op.
 
 What the CUDA kernels support is decided here too (:func:`unsupported_reason`), before the op runs,
 so that ``backend="cuda"`` raises a clear error naming the feature and ``backend="auto"`` can choose
@@ -23,9 +23,9 @@ from ..kernels import configs
 from ..reference import attention_reference
 from ..rotary import rotate
 from . import cuda_extension
-from .triton_attention import triton_attention_bwd
 
 OP = "perceiver_kernels::cuda_attention_fwd"
+BACKWARD_OP = "perceiver_kernels::cuda_attention_bwd"
 MAX_HEAD_DIM = 128
 BLOCK_M = BLOCK_N = 64  # the kernel's tile (csrc/attention_fwd.cu)
 
@@ -39,12 +39,16 @@ def load() -> str | None:
     if reason is None and not _registered:
         torch.library.register_kernel(OP, "cpu", _reference_impl)
         torch.library.register_fake(OP, _fake_impl)
+        torch.library.register_kernel(BACKWARD_OP, "cpu", _reference_backward)
+        torch.library.register_fake(BACKWARD_OP, _fake_backward)
         torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
         _registered = True
     return reason
 
 
-def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, rotary_dim: int, kv_index: Tensor | None) -> str | None:
+def unsupported_reason(
+    q: Tensor, k: Tensor, v: Tensor, rotary_dim: int, kv_index: Tensor | None, scale: float | None = None
+) -> str | None:
     """Why the CUDA kernels cannot run these (already validated) inputs, or None."""
     if q.device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor"
@@ -52,6 +56,11 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, rotary_dim: int, kv_inde
         return f"the CUDA backend computes float16 and bfloat16 so far, not {q.dtype}"
     if rotary_dim:
         return "rotary embeddings are not in the CUDA kernels yet"
+    if scale is not None and not float(torch.tensor(scale, dtype=torch.float32)) > 0:
+        return f"the CUDA kernels need a positive float32 scale, got {scale}"
+    grid_limit = 65535 * BLOCK_M
+    if q.shape[1] > grid_limit or k.shape[1] > grid_limit:
+        return f"the CUDA kernels take at most {grid_limit} queries and keys, got {q.shape[1]} and {k.shape[1]}"
     if kv_index is not None:
         return "kv_index (prefix dropout) is not in the CUDA kernels yet"
     dqk, dv = q.shape[-1], v.shape[-1]
@@ -120,7 +129,29 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = triton_attention_bwd(
+    dq, dk, dv = torch.ops.perceiver_kernels.cuda_attention_bwd(
         grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, *ctx.options
     )
     return dq, dk, dv, *([None] * 10)
+
+
+def _reference_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope,
+                        k_rope, rotary_dim, rotary_interleaved, causal, scale, num_splits):  # fmt: skip
+    """The backward schema on CPU: gradients of the reference (``dq`` summed over a broadcast batch).
+
+    ``torch.func.vjp`` rather than ``torch.autograd``: a kernel runs below the autograd dispatch keys,
+    where autograd records nothing, while functorch's transforms still differentiate."""
+
+    def forward(q, k, v):
+        out_ref, lse_ref = _reference_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
+                                           rotary_dim, rotary_interleaved, causal, scale, num_splits)  # fmt: skip
+        return out_ref, torch.where(torch.isfinite(lse_ref), lse_ref, 0.0)  # -inf rows carry no gradient
+
+    (out_ref, lse_ref), vjp = torch.func.vjp(forward, q.detach(), k.detach(), v.detach())
+    cotangent_lse = torch.zeros_like(lse_ref) if grad_lse is None else grad_lse.to(lse_ref.dtype)
+    return tuple(g.contiguous() for g in vjp((grad_out.to(out_ref.dtype), cotangent_lse)))
+
+
+def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
+                   rotary_dim, rotary_interleaved, causal, scale, num_splits):  # fmt: skip
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))

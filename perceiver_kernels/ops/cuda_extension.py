@@ -1,6 +1,6 @@
 """The CUDA C++ extension (``csrc/``): found prebuilt, or built on first use, or absent with a reason.
 
-``load()`` registers the extension's ops (``perceiver_kernels::cuda_attention_fwd``) and returns None,
+``load()`` registers the extension's ops (``perceiver_kernels::cuda_attention_fwd`` / ``_bwd``) and returns None,
 or returns why it cannot (never raises): ``import perceiver_kernels`` and everything that does not ask
 for ``backend="cuda"`` work without it, and ``perceiver-kernels info`` prints the reason.
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import glob
 import importlib
+import logging
 import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 SOURCES_DIR = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("ops.cpp", "attention_fwd.cu")
+SOURCES = ("ops.cpp", "attention_fwd.cu", "attention_bwd.cu")
 DEFAULT_ARCHS = "8.0;9.0a"
 EXTENSION_NAME = "perceiver_kernels_cuda"
 
@@ -120,7 +121,13 @@ def build() -> None:
     cuda_home = find_cuda_home()
     if cuda_home is not None:
         os.environ.setdefault("CUDA_HOME", cuda_home)  # before torch's module reads it at import
-    import torch.utils.cpp_extension as cpp_extension
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on a machine without a GPU
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
 
     if cuda_home is not None:
         cpp_extension.CUDA_HOME = cuda_home  # in case torch imported it earlier, with a wrong guess

@@ -1,0 +1,299 @@
+// Perceiver attention backward for sm_80 and newer (FlashAttention-2's dK/dV-parallel scheme).
+//
+// One CTA = 4 warps owns 64 keys of one (batch, head); each warp owns 16 of them. K and V stay in
+// shared memory; the CTA walks the query axis in blocks of 32 (from the first query that can see its
+// keys under the causal mask) and, per block, recomputes with mma.sync m16n8k16:
+//   S^T = K Q^T,  P^T = exp(scale S^T - lse)        (keys x queries, registers; lse from the forward)
+//   dV += P^T dO                                     (P^T's accumulators are the A fragments)
+//   dP^T = V dO^T,  dS^T = P^T (dP^T - delta)        (delta = rowsum(dO * O) - dlse, per query)
+//   dK += dS^T Q
+//   dQ += dS K                                       (dS through shared memory; float32 atomics)
+// dK and dV are written once at the end (the CTA owns its keys); dQ is accumulated in a float32 buffer
+// by every key block (and, for a query broadcast over the batch, by every sample), so atomics are the
+// simple correct choice; the host casts it to q's dtype.
+//
+// Masks are the forward's: keys >= L_b, padded keys and (causal) keys after a query's diagonal get
+// P = 0, hence zero gradients; rows whose lse is -inf (no visible key) contribute nothing.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAException.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention.h"
+#include "device_utils.cuh"
+
+namespace perceiver_kernels {
+namespace {
+
+using namespace detail;
+
+constexpr int kKeysPerCta = 64;
+constexpr int kQueriesPerStep = 32;
+constexpr int kThreads = 128;
+constexpr int kScoreStride = kKeysPerCta + 8;  // dS in shared memory: [query][key]
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_backward_kernel(const BackwardParams p) {
+  using Ops = Types<T>;
+  constexpr int kStride = D + 8;
+  constexpr int kM = kQueriesPerStep;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_smem = reinterpret_cast<T*>(smem);
+  T* v_smem = k_smem + kKeysPerCta * kStride;
+  T* q_smem = v_smem + kKeysPerCta * kStride;
+  T* do_smem = q_smem + kM * kStride;
+  T* ds_smem = do_smem + kM * kStride;  // (kM, kScoreStride)
+  float* lse_smem = reinterpret_cast<float*>(ds_smem + kM * kScoreStride);
+  float* delta_smem = lse_smem + kM;
+
+  const int bh = blockIdx.x;
+  const int b = bh / p.heads;
+  const int h = bh % p.heads;
+  const int n0 = blockIdx.y * kKeysPerCta;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4;
+  const int quad = lane % 4;
+  const int length = valid_length(p.kv_lengths, b, p.num_keys);
+  const float scale_log2 = p.scale * kLog2e;
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const T* do_base = static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride;
+  float* dq_base = p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride;
+  const float* lse_base = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
+  const float* delta_base = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
+
+  float dk[D / 8][4];
+  float dv[D / 8][4];
+#pragma unroll
+  for (int jd = 0; jd < D / 8; ++jd) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[jd][e] = dv[jd][e] = 0.f;
+  }
+
+  // Queries that can see any of these keys: all, or (causal) those at or after key n0's diagonal.
+  const int diagonal = length - p.num_queries;  // causal: query i sees key j iff j <= i + diagonal
+  const int first_query = p.causal ? max(0, n0 - diagonal) : 0;
+  const bool any_work = n0 < length && first_query < p.num_queries;
+
+  if (any_work) {
+    load_tile<T, D, kKeysPerCta, kThreads>(k_smem, k_base, p.k_row_stride, n0, length, p.head_dim_qk);
+    load_tile<T, D, kKeysPerCta, kThreads>(v_smem, v_base, p.v_row_stride, n0, length, p.head_dim_v);
+    cp_async_commit();
+  }
+  // The key (row of S^T) of each accumulator element: warp * 16 + group (+8), and its visibility
+  // apart from the causal mask.
+  const int key0 = n0 + warp * 16 + group;
+  const int key1 = key0 + 8;
+  bool key_ok[2] = {key0 < length, key1 < length};
+  if (p.key_padding_mask != nullptr) {
+    const bool* mask = p.key_padding_mask + b * p.mask_batch_stride;
+    if (key_ok[0]) key_ok[0] = !mask[key0 * p.mask_row_stride];
+    if (key_ok[1]) key_ok[1] = !mask[key1 * p.mask_row_stride];
+  }
+
+  for (int m0 = (first_query / kM) * kM; any_work && m0 < p.num_queries; m0 += kM) {
+    load_tile<T, D, kM, kThreads>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
+    load_tile<T, D, kM, kThreads>(do_smem, do_base, p.do_row_stride, m0, p.num_queries, p.head_dim_v);
+    cp_async_commit();
+    if (threadIdx.x < kM) {
+      const int row = m0 + threadIdx.x;
+      lse_smem[threadIdx.x] = row < p.num_queries ? lse_base[row] : -INFINITY;
+      delta_smem[threadIdx.x] = row < p.num_queries ? delta_base[row] : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // S^T for this warp's 16 keys x kM queries; then P^T in place. s[jq]: queries jq*8 .. jq*8+7.
+    float s[kM / 8][4];
+    float dp[kM / 8][4];
+#pragma unroll
+    for (int jq = 0; jq < kM / 8; ++jq) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[jq][e] = dp[jq][e] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t k_frag[4], v_frag[4];
+      const T* k_row = k_smem + (warp * 16 + group) * kStride + kk * 16 + 2 * quad;
+      const T* v_row = v_smem + (warp * 16 + group) * kStride + kk * 16 + 2 * quad;
+      k_frag[0] = *reinterpret_cast<const uint32_t*>(k_row);
+      k_frag[1] = *reinterpret_cast<const uint32_t*>(k_row + 8 * kStride);
+      k_frag[2] = *reinterpret_cast<const uint32_t*>(k_row + 8);
+      k_frag[3] = *reinterpret_cast<const uint32_t*>(k_row + 8 * kStride + 8);
+      v_frag[0] = *reinterpret_cast<const uint32_t*>(v_row);
+      v_frag[1] = *reinterpret_cast<const uint32_t*>(v_row + 8 * kStride);
+      v_frag[2] = *reinterpret_cast<const uint32_t*>(v_row + 8);
+      v_frag[3] = *reinterpret_cast<const uint32_t*>(v_row + 8 * kStride + 8);
+#pragma unroll
+      for (int jq = 0; jq < kM / 8; ++jq) {
+        // B operands: Q^T and dO^T, i.e. rows of Q / dO read as pairs of consecutive dims.
+        const T* q_row = q_smem + (jq * 8 + group) * kStride + kk * 16 + 2 * quad;
+        const T* do_row = do_smem + (jq * 8 + group) * kStride + kk * 16 + 2 * quad;
+        const uint32_t q_frag[2] = {*reinterpret_cast<const uint32_t*>(q_row),
+                                    *reinterpret_cast<const uint32_t*>(q_row + 8)};
+        const uint32_t do_frag[2] = {*reinterpret_cast<const uint32_t*>(do_row),
+                                     *reinterpret_cast<const uint32_t*>(do_row + 8)};
+        Ops::mma(s[jq], k_frag, q_frag);
+        Ops::mma(dp[jq], v_frag, do_frag);  // zero-padded dims of V/dO beyond Dv add nothing
+      }
+    }
+
+    // P^T and dS^T. Element e of s[jq]: key key0 (e < 2) or key1, query m0 + jq*8 + 2*quad + e % 2.
+#pragma unroll
+    for (int jq = 0; jq < kM / 8; ++jq) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int local_query = jq * 8 + 2 * quad + (e & 1);
+        const int query = m0 + local_query;
+        const int key = e < 2 ? key0 : key1;
+        const float lse = lse_smem[local_query];
+        const bool visible = key_ok[e >> 1] && query < p.num_queries && lse != -INFINITY &&
+                             (!p.causal || key <= query + diagonal);
+        const float prob = visible ? exp2f(s[jq][e] * scale_log2 - lse * kLog2e) : 0.f;
+        s[jq][e] = prob;
+        dp[jq][e] = prob * (dp[jq][e] - delta_smem[local_query]);
+      }
+    }
+
+    // dV += P^T dO and dK += dS^T Q: accumulators of query tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) {
+      const uint32_t p_frag[4] = {Ops::pack(s[2 * kk][0], s[2 * kk][1]), Ops::pack(s[2 * kk][2], s[2 * kk][3]),
+                                  Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const uint32_t ds_frag[4] = {Ops::pack(dp[2 * kk][0], dp[2 * kk][1]), Ops::pack(dp[2 * kk][2], dp[2 * kk][3]),
+                                   Ops::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                   Ops::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+      for (int jd = 0; jd < D / 8; ++jd) {
+        uint32_t do_frag[2], q_frag[2];
+        ldmatrix_x2_trans(do_frag, do_smem + (kk * 16 + (lane & 15)) * kStride + jd * 8);
+        ldmatrix_x2_trans(q_frag, q_smem + (kk * 16 + (lane & 15)) * kStride + jd * 8);
+        Ops::mma(dv[jd], p_frag, do_frag);
+        Ops::mma(dk[jd], ds_frag, q_frag);
+      }
+    }
+
+    // dS to shared memory as [query][key], so that dQ = dS K reads A fragments as pairs of keys.
+#pragma unroll
+    for (int jq = 0; jq < kM / 8; ++jq) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int local_query = jq * 8 + 2 * quad + (e & 1);
+        const int local_key = warp * 16 + group + 8 * (e >> 1);
+        ds_smem[local_query * kScoreStride + local_key] = Ops::from_float(dp[jq][e]);
+      }
+    }
+    __syncthreads();
+
+    // dQ (kM queries x D) += dS (kM x 64 keys) K: warp w takes query rows (w % 2) * 16 and half the dims.
+    {
+      constexpr int kTiles = D / 8 / 2;  // n8 tiles of dims per warp
+      const int query_tile = warp % 2;
+      const int first_tile = (warp / 2) * kTiles;
+      float dq[kTiles][4];
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKeysPerCta / 16; ++kk) {
+        const T* ds_row = ds_smem + (query_tile * 16 + group) * kScoreStride + kk * 16 + 2 * quad;
+        const uint32_t a_frag[4] = {*reinterpret_cast<const uint32_t*>(ds_row),
+                                    *reinterpret_cast<const uint32_t*>(ds_row + 8 * kScoreStride),
+                                    *reinterpret_cast<const uint32_t*>(ds_row + 8),
+                                    *reinterpret_cast<const uint32_t*>(ds_row + 8 * kScoreStride + 8)};
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) {
+          uint32_t k_frag[2];
+          ldmatrix_x2_trans(k_frag, k_smem + (kk * 16 + (lane & 15)) * kStride + (first_tile + j) * 8);
+          Ops::mma(dq[j], a_frag, k_frag);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const int d = (first_tile + j) * 8 + 2 * quad;
+        if (d >= p.head_dim_qk) continue;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int query = m0 + query_tile * 16 + group + 8 * r;
+          if (query >= p.num_queries) continue;
+          float* out = dq_base + query * p.dq_row_stride + d;
+          atomicAdd(out, dq[j][2 * r] * p.scale);
+          atomicAdd(out + 1, dq[j][2 * r + 1] * p.scale);
+        }
+      }
+    }
+    __syncthreads();  // q/dO/dS buffers are refilled by the next step
+  }
+
+  // dK (scaled) and dV of the keys this CTA owns; keys nothing could see get zeros.
+  T* dk_base = static_cast<T*>(p.dk) + ((static_cast<int64_t>(b) * p.num_keys) * p.heads + h) * p.head_dim_qk;
+  T* dv_base = static_cast<T*>(p.dv) + ((static_cast<int64_t>(b) * p.num_keys) * p.heads + h) * p.head_dim_v;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = r == 0 ? key0 : key1;
+    if (key >= p.num_keys) continue;
+#pragma unroll
+    for (int jd = 0; jd < D / 8; ++jd) {
+      const int d = jd * 8 + 2 * quad;
+      if (d < p.head_dim_qk) {
+        T* out = dk_base + static_cast<int64_t>(key) * p.heads * p.head_dim_qk + d;
+        *reinterpret_cast<uint32_t*>(out) = Ops::pack(dk[jd][2 * r] * p.scale, dk[jd][2 * r + 1] * p.scale);
+      }
+      if (d < p.head_dim_v) {
+        T* out = dv_base + static_cast<int64_t>(key) * p.heads * p.head_dim_v + d;
+        *reinterpret_cast<uint32_t*>(out) = Ops::pack(dv[jd][2 * r], dv[jd][2 * r + 1]);
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+void run_backward(const BackwardParams& p, cudaStream_t stream) {
+  constexpr size_t smem_bytes = static_cast<size_t>(2 * kKeysPerCta + 2 * kQueriesPerStep) * (D + 8) * sizeof(T) +
+                                static_cast<size_t>(kQueriesPerStep) * kScoreStride * sizeof(T) +
+                                2 * kQueriesPerStep * sizeof(float);
+  auto kernel = attention_backward_kernel<T, D>;
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  }
+  const dim3 grid(p.batch * p.heads, (p.num_keys + kKeysPerCta - 1) / kKeysPerCta);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+bool dispatch_head_dim(const BackwardParams& p, int padded_head_dim, cudaStream_t stream) {
+  switch (padded_head_dim) {
+    case 32:
+      run_backward<T, 32>(p, stream);
+      return true;
+    case 64:
+      run_backward<T, 64>(p, stream);
+      return true;
+    case 128:
+      run_backward<T, 128>(p, stream);
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+bool launch_attention_backward(const BackwardParams& params, DType dtype, int padded_head_dim, cudaStream_t stream) {
+  if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(params, padded_head_dim, stream);
+  return dispatch_head_dim<__nv_bfloat16>(params, padded_head_dim, stream);
+}
+
+}  // namespace perceiver_kernels
