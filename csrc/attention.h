@@ -20,6 +20,13 @@ struct AttentionParams {
   float* lse_partial;
   const bool* key_padding_mask;  // (B, Nk), True = padding; may be null
   const int64_t* kv_lengths;     // (B,) as int64; may be null
+  // Rotary embeddings (rotary_dim > 0): float32 cos/sin tables (2, Bt, N, rotary_dim / 2), Bt = 1 or B, for
+  // the queries and the keys; pairs (2i, 2i+1) when interleaved, else (i, i + rotary_dim / 2).
+  const float* q_rope;
+  const float* k_rope;
+  int q_rope_batch, k_rope_batch;
+  int rotary_dim;
+  bool rotary_interleaved;
 
   int64_t q_batch_stride, q_row_stride, q_head_stride;  // q_batch_stride 0: a query broadcast over the batch
   int64_t k_batch_stride, k_row_stride, k_head_stride;
@@ -45,9 +52,17 @@ struct BackwardParams {
   const float* delta;    // (B, H, Nq): rowsum(dO * O) - dlse
   float* dq_accum;       // (Bq, Nq, H, Dqk) float32, zero-initialised
   void* dk;              // (B, Nk, H, Dqk), contiguous
+  float* dk_float;       // with rotary: dK in the rotated frame, float32 (B, Nk, H, Dqk), turned back after
   void* dv;              // (B, Nk, H, Dv), contiguous
   const bool* key_padding_mask;
   const int64_t* kv_lengths;
+  // Rotary embeddings (rotary_dim > 0): float32 cos/sin tables (2, Bt, N, rotary_dim / 2), Bt = 1 or B, for
+  // the queries and the keys; pairs (2i, 2i+1) when interleaved, else (i, i + rotary_dim / 2).
+  const float* q_rope;
+  const float* k_rope;
+  int q_rope_batch, k_rope_batch;
+  int rotary_dim;
+  bool rotary_interleaved;
 
   int64_t q_batch_stride, q_row_stride, q_head_stride;  // q_batch_stride 0: broadcast query
   int64_t k_batch_stride, k_row_stride, k_head_stride;
@@ -68,5 +83,9 @@ enum class DType { kFloat16, kBFloat16 };
 // is compiled for this head-dim group (the host code checks before, so this is a bug guard).
 bool launch_attention_forward(const AttentionParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
 bool launch_attention_backward(const BackwardParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
+// out (Bg, N, H, D) = the inverse rotation of grad (float32, same shape, contiguous) by rope (2, Bt, N, R/2),
+// cast to dtype; channels >= rotary_dim are copied. Turns gradients computed in the rotated frame back.
+void launch_rotate_back(const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,
+                        int heads, int head_dim, int rotary_dim, bool interleaved, DType dtype, cudaStream_t stream);
 
 }  // namespace perceiver_kernels

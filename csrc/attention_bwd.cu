@@ -12,6 +12,9 @@
 // by every key block (and, for a query broadcast over the batch, by every sample), so atomics are the
 // simple correct choice; the host casts it to q's dtype.
 //
+// Rotary: Q and K are rotated in shared memory as in the forward, so dQ and dK come out in the rotated
+// frame; dQ (float32 buffer) and dK (then written in float32) are turned back by rotate_back_kernel.
+//
 // Masks are the forward's: keys >= L_b, padded keys and (causal) keys after a query's diagonal get
 // P = 0, hence zero gradients; rows whose lse is -inf (no visible key) contribute nothing.
 
@@ -99,6 +102,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     if (key_ok[1]) key_ok[1] = !mask[key1 * p.mask_row_stride];
   }
 
+  bool k_rotated = false;
   for (int m0 = (first_query / kM) * kM; any_work && m0 < p.num_queries; m0 += kM) {
     load_tile<T, D, kM, kThreads>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
     load_tile<T, D, kM, kThreads>(do_smem, do_base, p.do_row_stride, m0, p.num_queries, p.head_dim_v);
@@ -110,6 +114,22 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     }
     cp_async_wait<0>();
     __syncthreads();
+    if (p.rotary_dim > 0) {  // Q of this step, and (first step) K, rotated in place as in the forward
+      const int half = p.rotary_dim / 2;
+      const int q_rope_b = p.q_rope_batch > 1 ? b : 0;
+      rotate_tile<T, D, kM, kThreads>(q_smem, p.q_rope + (static_cast<int64_t>(q_rope_b) * p.num_queries + m0) * half,
+                                      static_cast<int64_t>(p.q_rope_batch) * p.num_queries * half,
+                                      p.num_queries - m0, p.rotary_dim, p.rotary_interleaved);
+      if (!k_rotated) {
+        const int k_rope_b = p.k_rope_batch > 1 ? b : 0;
+        rotate_tile<T, D, kKeysPerCta, kThreads>(
+            k_smem, p.k_rope + (static_cast<int64_t>(k_rope_b) * p.num_keys + n0) * half,
+            static_cast<int64_t>(p.k_rope_batch) * p.num_keys * half, length - n0, p.rotary_dim,
+            p.rotary_interleaved);
+        k_rotated = true;
+      }
+      __syncthreads();
+    }
 
     // S^T for this warp's 16 keys x kM queries; then P^T in place. s[jq]: queries jq*8 .. jq*8+7.
     float s[kM / 8][4];
@@ -159,7 +179,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
                              (!p.causal || key <= query + diagonal);
         const float prob = visible ? exp2f(s[jq][e] * scale_log2 - lse * kLog2e) : 0.f;
         s[jq][e] = prob;
-        dp[jq][e] = prob * (dp[jq][e] - delta_smem[local_query]);
+        // A select, not a product: masked pairs must give 0 even where delta is not finite (a NaN/inf
+        // gradient of the lse of a row with no visible key, or non-finite values in padded V rows).
+        dp[jq][e] = visible ? prob * (dp[jq][e] - delta_smem[local_query]) : 0.f;
       }
     }
 
@@ -237,7 +259,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   }
 
   // dK (scaled) and dV of the keys this CTA owns; keys nothing could see get zeros.
-  T* dk_base = static_cast<T*>(p.dk) + ((static_cast<int64_t>(b) * p.num_keys) * p.heads + h) * p.head_dim_qk;
   T* dv_base = static_cast<T*>(p.dv) + ((static_cast<int64_t>(b) * p.num_keys) * p.heads + h) * p.head_dim_v;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -247,8 +268,14 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     for (int jd = 0; jd < D / 8; ++jd) {
       const int d = jd * 8 + 2 * quad;
       if (d < p.head_dim_qk) {
-        T* out = dk_base + static_cast<int64_t>(key) * p.heads * p.head_dim_qk + d;
-        *reinterpret_cast<uint32_t*>(out) = Ops::pack(dk[jd][2 * r] * p.scale, dk[jd][2 * r + 1] * p.scale);
+        const int64_t offset = ((static_cast<int64_t>(b) * p.num_keys + key) * p.heads + h) * p.head_dim_qk + d;
+        if (p.dk_float != nullptr) {  // rotated frame, float32: turned back by launch_rotate_back
+          p.dk_float[offset] = dk[jd][2 * r] * p.scale;
+          p.dk_float[offset + 1] = dk[jd][2 * r + 1] * p.scale;
+        } else {
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + offset) =
+              Ops::pack(dk[jd][2 * r] * p.scale, dk[jd][2 * r + 1] * p.scale);
+        }
       }
       if (d < p.head_dim_v) {
         T* out = dv_base + static_cast<int64_t>(key) * p.heads * p.head_dim_v + d;
@@ -289,7 +316,49 @@ bool dispatch_head_dim(const BackwardParams& p, int padded_head_dim, cudaStream_
   }
 }
 
+// One CTA per (sample, row, head) of a contiguous (Bg, N, H, D) gradient; inverse rotation: a pair (a, b)
+// turned by angle t becomes (a cos t + b sin t, b cos t - a sin t).
+template <typename T>
+__global__ void rotate_back_kernel(const float* grad, T* out, const float* rope, int rope_batch, int n, int heads,
+                                   int head_dim, int rotary_dim, bool interleaved) {
+  const int64_t row = blockIdx.x;  // ((b * N) + i) * H + h
+  const int64_t sample_row = row / heads;
+  const int i = static_cast<int>(sample_row % n);
+  const int64_t b = sample_row / n;
+  const int half = rotary_dim / 2;
+  const float* cos = rope + ((rope_batch > 1 ? b : 0) * n + i) * half;
+  const float* sin = cos + static_cast<int64_t>(rope_batch) * n * half;
+  const float* g = grad + row * head_dim;
+  T* o = out + row * head_dim;
+  for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
+    float value = g[c];
+    if (c < rotary_dim) {
+      const int pair = interleaved ? c / 2 : c % half;
+      const bool second = interleaved ? (c % 2 == 1) : (c >= half);
+      const float a = g[interleaved ? 2 * pair : pair];
+      const float b_value = g[interleaved ? 2 * pair + 1 : pair + half];
+      value = second ? b_value * cos[pair] - a * sin[pair] : a * cos[pair] + b_value * sin[pair];
+    }
+    o[c] = Types<T>::from_float(value);
+  }
+}
+
 }  // namespace
+
+void launch_rotate_back(const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,
+                        int heads, int head_dim, int rotary_dim, bool interleaved, DType dtype, cudaStream_t stream) {
+  const int64_t rows = batch * n * heads;
+  if (rows == 0) return;
+  const int threads = head_dim >= 128 ? 128 : 64;
+  if (dtype == DType::kFloat16) {
+    rotate_back_kernel<__half><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        grad, static_cast<__half*>(out), rope, rope_batch, n, heads, head_dim, rotary_dim, interleaved);
+  } else {
+    rotate_back_kernel<__nv_bfloat16><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        grad, static_cast<__nv_bfloat16*>(out), rope, rope_batch, n, heads, head_dim, rotary_dim, interleaved);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 bool launch_attention_backward(const BackwardParams& params, DType dtype, int padded_head_dim, cudaStream_t stream) {
   if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(params, padded_head_dim, stream);

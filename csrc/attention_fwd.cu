@@ -7,6 +7,9 @@
 // stays in registers: the S accumulator fragment of two n8 tiles is exactly the A fragment of one k16
 // step of P V, so P never touches shared memory. V fragments come from ldmatrix.trans.
 //
+// Rotary embeddings (Perceiver AR) are applied on load: the Q tile and each K tile are rotated in shared
+// memory, in float32 from the cos/sin tables, and rounded back to 16 bits as a naive rotation would.
+//
 // Masks are computed in-kernel: keys at or beyond L_b (kv_lengths) and padded keys are -inf; causal is
 // bottom-right aligned (query i sees key j iff j <= i + L_b - Nq). A row that sees no key gets zeros and
 // lse = -inf. Tiles past the last visible key of the CTA are never loaded.
@@ -106,6 +109,14 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     __syncthreads();
 
     if (tile == tile_begin) {
+      if (p.rotary_dim > 0) {  // rotate Q once, in shared memory, before it becomes fragments
+        const int rope_b = p.q_rope_batch > 1 ? b : 0;
+        const float* cos = p.q_rope + (static_cast<int64_t>(rope_b) * p.num_queries + m0) * (p.rotary_dim / 2);
+        const int64_t sin_offset = static_cast<int64_t>(p.q_rope_batch) * p.num_queries * (p.rotary_dim / 2);
+        rotate_tile<T, D, kBlockM, kThreads>(q_smem, cos, sin_offset, p.num_queries - m0, p.rotary_dim,
+                                             p.rotary_interleaved);
+        __syncthreads();
+      }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const T* q_row = q_smem + (warp * 16 + group) * kStride + kk * 16 + 2 * quad;
@@ -114,6 +125,15 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
         q_frag[kk][2] = *reinterpret_cast<const uint32_t*>(q_row + 8);
         q_frag[kk][3] = *reinterpret_cast<const uint32_t*>(q_row + 8 * kStride + 8);
       }
+    }
+
+    if (p.rotary_dim > 0) {  // rotate this K tile in place (its keys keep their own positions)
+      const int rope_b = p.k_rope_batch > 1 ? b : 0;
+      const float* cos = p.k_rope + (static_cast<int64_t>(rope_b) * p.num_keys + tile * kBlockN) * (p.rotary_dim / 2);
+      const int64_t sin_offset = static_cast<int64_t>(p.k_rope_batch) * p.num_keys * (p.rotary_dim / 2);
+      rotate_tile<T, D, kBlockN, kThreads>(k_smem + buffer * kBlockN * kStride, cos, sin_offset,
+                                           length - tile * kBlockN, p.rotary_dim, p.rotary_interleaved);
+      __syncthreads();
     }
 
     // S = Q K^T for this warp's 16 rows x 64 keys: s[j] is the n8 tile of keys j*8..j*8+7.

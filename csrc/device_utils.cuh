@@ -48,6 +48,7 @@ struct Types;
 template <>
 struct Types<__half> {
   __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -64,6 +65,7 @@ struct Types<__half> {
 template <>
 struct Types<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -90,6 +92,31 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
     const bool valid = first_row + r < rows_valid && col < cols_valid;
     const T* from = valid ? src + static_cast<int64_t>(first_row + r) * row_stride + col : src;
     cp_async_16(dst + r * kStride + col, from, valid);
+  }
+}
+
+// Rotates, in shared memory, the first rotary_dim channels of rows [0, rows_valid) of a (ROWS, D) tile
+// (row stride D + 8) by float32 cos/sin rows (row r at cos[r * half], sin = cos + sin_offset), rounding
+// the result to T as a naive rotation would. Each pair belongs to one thread: no race within the call;
+// callers __syncthreads() before and after.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void rotate_tile(T* tile, const float* cos, int64_t sin_offset, int rows_valid,
+                                            int rotary_dim, bool interleaved) {
+  constexpr int kStride = D + 8;
+  const int half = rotary_dim / 2;
+  for (int c = threadIdx.x; c < ROWS * half; c += THREADS) {
+    const int r = c / half;
+    const int i = c % half;
+    if (r >= rows_valid) continue;
+    const int a = interleaved ? 2 * i : i;
+    const int b = interleaved ? 2 * i + 1 : i + half;
+    const float cs = cos[r * half + i];
+    const float sn = cos[sin_offset + r * half + i];
+    T* row = tile + r * kStride;
+    const float x = Types<T>::to_float(row[a]);
+    const float y = Types<T>::to_float(row[b]);
+    row[a] = Types<T>::from_float(x * cs - y * sn);
+    row[b] = Types<T>::from_float(y * cs + x * sn);
   }
 }
 

@@ -51,10 +51,8 @@ int padded_head_dim(int64_t head_dim_qk, int64_t head_dim_v) {
 // int64 tensor (a device-side cast: no synchronisation) or an undefined tensor.
 at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
-                        const std::optional<at::Tensor>& kv_index, int64_t rotary_dim, double scale) {
+                        const std::optional<at::Tensor>& kv_index, double scale) {
   TORCH_CHECK(!kv_index.has_value(), kOp, "kv_index (prefix dropout) is not supported by the CUDA backend yet");
-  TORCH_CHECK(rotary_dim == 0, kOp, "rotary embeddings (rotary_dim=", rotary_dim,
-              ") are not supported by the CUDA backend yet");
   TORCH_CHECK(q.dim() == 4, kOp, "q must be (Bq, Nq, H, Dqk), got ", shape_of(q));
   TORCH_CHECK(k.dim() == 4, kOp, "k must be (B, Nk, H, Dqk), got ", shape_of(k));
   TORCH_CHECK(v.dim() == 4, kOp, "v must be (B, Nk, H, Dv), got ", shape_of(v));
@@ -104,18 +102,36 @@ at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return kv_lengths->to(at::kLong).contiguous();
 }
 
+// The rotary tables (2, Bt, N, rotary_dim / 2) float32 of the queries or keys, made contiguous; an undefined
+// tensor without rotary.
+at::Tensor check_rope(const std::optional<at::Tensor>& rope, const char* name, int64_t rotary_dim, int64_t batch,
+                      int64_t rows, int64_t head_dim_qk, const at::Tensor& q) {
+  if (rotary_dim == 0) return {};
+  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim_qk, kOp,
+              "rotary_dim must be even and <= Dqk = ", head_dim_qk, ", got ", rotary_dim);
+  TORCH_CHECK(rope.has_value(), kOp, name, " (the rotary cos/sin table) is required with rotary_dim > 0");
+  const at::Tensor& t = *rope;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(0) == 2 &&
+                  (t.size(1) == 1 || t.size(1) == batch) && t.size(2) == rows && t.size(3) == rotary_dim / 2,
+              kOp, name, " must be float32 (2, 1 or ", batch, ", ", rows, ", ", rotary_dim / 2, "), got ",
+              t.scalar_type(), " ", shape_of(t));
+  TORCH_CHECK(t.device() == q.device(), kOp, name, " must be on ", q.device());
+  return t.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& kv_index,
     const std::optional<at::Tensor>& q_rope, const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
     bool rotary_interleaved, bool causal, double scale, int64_t num_splits) {
-  (void)q_rope;
-  (void)k_rope;
-  (void)rotary_interleaved;
-  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, rotary_dim, scale);
+  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, scale);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
   const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
+  const at::Tensor q_table = check_rope(q_rope, "q_rope", rotary_dim, batch, num_queries, head_dim_qk, q);
+  const at::Tensor k_table = check_rope(k_rope, "k_rope", rotary_dim, batch, num_keys, head_dim_qk, q);
+  TORCH_CHECK(rotary_dim == 0 || q.size(0) == batch || q_table.size(1) == 1, kOp,
+              "a broadcast (batch-1) q with per-sample q_rope must be expanded to the batch first");
   auto out = at::empty({batch, num_queries, heads, head_dim_v}, q.options());
   auto lse = at::empty({batch, heads, num_queries}, q.options().dtype(at::kFloat));
   if (batch == 0 || heads == 0 || num_queries == 0) return {out, lse};
@@ -145,6 +161,14 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     p.mask_row_stride = key_padding_mask->stride(1);
   }
   if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
+  if (rotary_dim > 0) {
+    p.q_rope = q_table.data_ptr<float>();
+    p.k_rope = k_table.data_ptr<float>();
+    p.q_rope_batch = static_cast<int>(q_table.size(1));
+    p.k_rope_batch = static_cast<int>(k_table.size(1));
+    p.rotary_dim = static_cast<int>(rotary_dim);
+    p.rotary_interleaved = rotary_interleaved;
+  }
 
   p.batch = static_cast<int>(batch);
   p.heads = static_cast<int>(heads);
@@ -179,14 +203,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits) {
-  (void)q_rope;
-  (void)k_rope;
-  (void)rotary_interleaved;
-  (void)num_splits;
-  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, rotary_dim, scale);
+  (void)num_splits;  // the backward parallelises over key blocks; nothing to split
+  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, scale);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
   const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
+  const at::Tensor q_table = check_rope(q_rope, "q_rope", rotary_dim, batch, num_queries, head_dim_qk, q);
+  const at::Tensor k_table = check_rope(k_rope, "k_rope", rotary_dim, batch, num_keys, head_dim_qk, q);
+  TORCH_CHECK(rotary_dim == 0 || q.size(0) == batch || q_table.size(1) == 1, kOp,
+              "a broadcast (batch-1) q with per-sample q_rope must be expanded to the batch first");
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == batch && out.size(1) == num_queries &&
                   out.size(2) == heads && out.size(3) == head_dim_v,
               kOp, "grad_out and out must be (", batch, ", ", num_queries, ", ", heads, ", ", head_dim_v, "), got ",
@@ -194,6 +219,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == batch && lse.size(1) == heads &&
                   lse.size(2) == num_queries,
               kOp, "lse must be float32 (", batch, ", ", heads, ", ", num_queries, "), got ", shape_of(lse));
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), kOp,
+              "grad_out and out must have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(), " and ",
+              out.scalar_type());
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(), kOp,
+              "grad_out, out and lse must be on ", q.device());
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->device() == q.device(), kOp,
+                "grad_lse must be shaped like lse ", shape_of(lse), " on ", q.device(), ", got ", shape_of(*grad_lse));
+  }
   auto dq_accum = at::zeros({q.size(0), num_queries, heads, head_dim_qk}, q.options().dtype(at::kFloat));
   auto dk = at::empty({batch, num_keys, heads, head_dim_qk}, q.options());
   auto dv = at::empty({batch, num_keys, heads, head_dim_v}, q.options());
@@ -243,6 +277,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     p.mask_row_stride = key_padding_mask->stride(1);
   }
   if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
+  at::Tensor dk_float;
+  if (rotary_dim > 0) {
+    p.q_rope = q_table.data_ptr<float>();
+    p.k_rope = k_table.data_ptr<float>();
+    p.q_rope_batch = static_cast<int>(q_table.size(1));
+    p.k_rope_batch = static_cast<int>(k_table.size(1));
+    p.rotary_dim = static_cast<int>(rotary_dim);
+    p.rotary_interleaved = rotary_interleaved;
+    dk_float = at::empty({batch, num_keys, heads, head_dim_qk}, q.options().dtype(at::kFloat));
+    p.dk_float = dk_float.data_ptr<float>();
+  }
   p.batch = static_cast<int>(batch);
   p.heads = static_cast<int>(heads);
   p.num_queries = static_cast<int>(num_queries);
@@ -255,7 +300,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
   const bool launched =
       launch_attention_backward(p, dtype, padded_head_dim(head_dim_qk, head_dim_v), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(launched, kOp, "no backward kernel compiled for head dims ", head_dim_qk, "/", head_dim_v);
-  return {dq_accum.to(q.scalar_type()), dk, dv};
+  if (rotary_dim == 0) return {dq_accum.to(q.scalar_type()), dk, dv};
+  // dQ and dK were computed in the rotated frame: turn them back (float32 in, q's dtype out).
+  auto dq = at::empty_like(dq_accum, q.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  launch_rotate_back(dq_accum.data_ptr<float>(), dq.data_ptr(), p.q_rope, p.q_rope_batch, q.size(0),
+                     p.num_queries, p.heads, p.head_dim_qk, p.rotary_dim, rotary_interleaved, dtype, stream);
+  launch_rotate_back(dk_float.data_ptr<float>(), dk.data_ptr(), p.k_rope, p.k_rope_batch, batch, p.num_keys, p.heads,
+                     p.head_dim_qk, p.rotary_dim, rotary_interleaved, dtype, stream);
+  return {dq, dk, dv};
 }
 
 }  // namespace

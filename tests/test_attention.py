@@ -235,3 +235,24 @@ def test_mask_and_lengths_layouts(device):
     ref_out, ref_lse = pk.attention(q, k, v, backend="reference", **args)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_non_finite_lse_gradient_of_empty_rows_is_ignored(backend, device):
+    """A row with no visible key has lse = -inf; a NaN gradient flowing into it (e.g. from a logsumexp
+    merge of all -inf partials) must not leak into dK/dV/dQ of the other rows."""
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    q, k, v = (torch.randn(2, 16, 2, 32, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 16, dtype=torch.bool, device=device)
+    mask[0] = True  # sample 0 sees no key: its lse is -inf
+    out, lse = pk.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend)
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(lse)
+    grad_lse[0] = float("nan")
+    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse), retain_graph=True)
+    clean = grad_lse.clone()
+    clean[0] = 0.0
+    expected = torch.autograd.grad((out, lse), (q, k, v), (grad_out, clean))
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)

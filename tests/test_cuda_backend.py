@@ -143,6 +143,17 @@ GPU_CASES = {
     "head-dims-96-128": AttentionCase(nq=33, nk=129, dqk=96, dv=128, causal=True, pad_fraction=0.2),
     "qk-32-v-128": AttentionCase(nq=65, nk=200, dqk=32, dv=128),
     "head-dim-8": AttentionCase(nq=9, nk=70, dqk=8, dv=8),
+    # Perceiver AR: rotary on load (both layouts, partial and full), per-sample positions, decoding.
+    "rotary-partial": AttentionCase(batch=3, nq=17, nk=80, heads=2, dqk=32, dv=32, causal=True, rotary_dim=16),
+    "rotary-full-neox": AttentionCase(
+        batch=3, nq=17, nk=80, heads=2, dqk=64, dv=64, causal=True, rotary_dim=64, rotary_interleaved=False
+    ),
+    "rotary-left-pad": AttentionCase(batch=3, nq=17, nk=80, causal=True, rotary_dim=16, positions="left-pad"),
+    "rotary-random-positions": AttentionCase(batch=2, nq=33, nk=129, dqk=64, dv=32, rotary_dim=32, positions="random"),
+    "rotary-broadcast-query": AttentionCase(
+        batch=3, q_batch=1, nq=17, nk=80, causal=True, rotary_dim=16, positions="left-pad"
+    ),
+    "rotary-decode": AttentionCase(batch=3, nq=1, nk=200, causal=True, kv_lengths=(200, 57, 1), rotary_dim=16),
 }
 
 
@@ -178,7 +189,6 @@ def test_public_api_runs_the_cuda_kernels(device):
         (dict(dtype=torch.float32), "float16 and bfloat16"),
         (dict(dqk=100), "multiples of 8 up to 128"),
         (dict(dv=160), "multiples of 8 up to 128"),
-        (dict(rotary_dim=16), "rotary"),
         (dict(kv_index=True), "kv_index"),
     ],
 )

@@ -135,7 +135,9 @@ def _dkdv_query_loop(
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if COMPUTE_DKDQ:
             delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M)
+            # where, not a product: a masked pair (p = 0) must give 0 even if delta is not finite
+            # (a non-finite gradient of the lse of a row with no visible key).
+            ds_t = tl.where(p_t != 0.0, p_t * (dp_t - delta[None, :]), 0.0).to(q.dtype)  # (BLOCK_N, BLOCK_M)
             dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -296,7 +298,7 @@ def _dq_key_loop(
         if HAS_PAD:
             p = tl.where(_key_kept(pad_row, rows, n_mask, stride_pn)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        ds = tl.where(p != 0.0, p * (dp - delta[:, None]), 0.0).to(k.dtype)  # see ds_t above
         dq += tl.dot(ds, k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return dq
 

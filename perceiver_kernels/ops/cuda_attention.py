@@ -23,6 +23,7 @@ from ..kernels import configs
 from ..reference import attention_reference
 from ..rotary import rotate
 from . import cuda_extension
+from .triton_attention import rotary_inputs
 
 OP = "perceiver_kernels::cuda_attention_fwd"
 BACKWARD_OP = "perceiver_kernels::cuda_attention_bwd"
@@ -42,21 +43,20 @@ def load() -> str | None:
         torch.library.register_kernel(BACKWARD_OP, "cpu", _reference_backward)
         torch.library.register_fake(BACKWARD_OP, _fake_backward)
         torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+        torch.library.register_autograd(BACKWARD_OP, _no_double_backward, setup_context=_no_context)
         _registered = True
     return reason
 
 
 def unsupported_reason(
-    q: Tensor, k: Tensor, v: Tensor, rotary_dim: int, kv_index: Tensor | None, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor | None = None, scale: float | None = None
 ) -> str | None:
     """Why the CUDA kernels cannot run these (already validated) inputs, or None."""
     if q.device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA backend computes float16 and bfloat16 so far, not {q.dtype}"
-    if rotary_dim:
-        return "rotary embeddings are not in the CUDA kernels yet"
-    if scale is not None and not float(torch.tensor(scale, dtype=torch.float32)) > 0:
+    if scale is not None and not torch.finfo(torch.float32).tiny <= scale <= torch.finfo(torch.float32).max:
         return f"the CUDA kernels need a positive float32 scale, got {scale}"
     grid_limit = 65535 * BLOCK_M
     if q.shape[1] > grid_limit or k.shape[1] > grid_limit:
@@ -82,17 +82,24 @@ def cuda_attention(
     kv_lengths: Tensor | None = None,
     scale: float,
     num_splits: int = 0,
+    rotary_dim: int = 0,
+    q_positions: Tensor | None = None,
+    k_positions: Tensor | None = None,
+    rotary_base: float = 10000.0,
+    rotary_interleaved: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable CUDA attention ``(out, lse)``; arguments as in ``pk.attention`` (validated, and
     supported per :func:`unsupported_reason`). ``num_splits`` 0: the split-KV heuristic of
     ``kernels/configs.py`` (shared with the Triton forward)."""
+    q, q_rope, k_rope = rotary_inputs(q, k, rotary_dim, q_positions, k_positions, rotary_base, kv_lengths, None)
     if num_splits == 0:
         batch, heads, num_queries, num_keys = k.shape[0], q.shape[2], q.shape[1], k.shape[1]
         base_programs = batch * heads * configs.cdiv(num_queries, BLOCK_M)
         num_splits = configs.num_kv_splits(base_programs, configs.cdiv(num_keys, BLOCK_N), q.device.index or 0)
     return torch.ops.perceiver_kernels.cuda_attention_fwd(
-        q, k, v, key_padding_mask, kv_lengths, None, None, None, 0, True, causal, float(scale), num_splits
-    )
+        q, k, v, key_padding_mask, kv_lengths, None, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
+        float(scale), num_splits,
+    )  # fmt: skip
 
 
 def _reference_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
@@ -133,6 +140,14 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, *ctx.options
     )
     return dq, dk, dv, *([None] * 10)
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("perceiver_kernels: the CUDA backward is not differentiable (no double backward)")
 
 
 def _reference_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope,

@@ -155,6 +155,36 @@ def _backward(ctx, grad_out, grad_lse):
 triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def rotary_inputs(
+    q: Tensor,
+    k: Tensor,
+    rotary_dim: int,
+    q_positions: Tensor | None,
+    k_positions: Tensor | None,
+    rotary_base: float,
+    kv_lengths: Tensor | None,
+    kv_index: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(q, q_rope, k_rope)`` for the ops (Triton and CUDA alike): the ``(2, 1 or B, N, rotary_dim / 2)``
+    float32 cos/sin tables of the queries and the (original) keys, default positions filled in; ``q``
+    expanded (a view) when a broadcast query meets per-sample positions, so that each sample's dQ is
+    rotated back before autograd sums them. Without rotary: ``(q, None, None)``."""
+    if not rotary_dim:
+        return q, None, None
+    default_q = default_k = None
+    if q_positions is None or k_positions is None:
+        default_q, default_k = default_positions(
+            k.shape[0], q.shape[1], k.shape[1], kv_lengths if kv_index is None else None, q.device
+        )
+    q_rope, k_rope = (
+        torch.stack(rotary_tables(default if given is None else given, rotary_dim, rotary_base))
+        for default, given in ((default_q, q_positions), (default_k, k_positions))
+    )
+    if q.shape[0] == 1 and q_rope.shape[1] > 1:
+        q = q.expand(k.shape[0], -1, -1, -1)
+    return q, q_rope, k_rope
+
+
 def triton_attention(
     q: Tensor,
     k: Tensor,
@@ -178,21 +208,7 @@ def triton_attention(
     ``num_splits`` forces the number of key-axis splits of the forward and of the backward's dQ pass
     (0 = choose from the SM count); tests use it to exercise split-KV on the CPU interpreter.
     """
-    q_rope = k_rope = None
-    if rotary_dim:
-        default_q = default_k = None
-        if q_positions is None or k_positions is None:
-            default_q, default_k = default_positions(
-                k.shape[0], q.shape[1], k.shape[1], kv_lengths if kv_index is None else None, q.device
-            )
-        q_rope, k_rope = (
-            torch.stack(rotary_tables(default if given is None else given, rotary_dim, rotary_base))
-            for default, given in ((default_q, q_positions), (default_k, k_positions))
-        )
-        if q.shape[0] == 1 and q_rope.shape[1] > 1:
-            # Per-sample query positions turn a broadcast query differently per sample: expand it
-            # (a view) so that each sample's dQ is rotated back before autograd sums them.
-            q = q.expand(k.shape[0], -1, -1, -1)
+    q, q_rope, k_rope = rotary_inputs(q, k, rotary_dim, q_positions, k_positions, rotary_base, kv_lengths, kv_index)
     return torch.ops.perceiver_kernels.triton_attention_fwd(
         q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
         float(scale), num_splits,
