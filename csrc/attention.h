@@ -20,6 +20,11 @@ struct AttentionParams {
   float* lse_partial;
   const bool* key_padding_mask;  // (B, Nk), True = padding; may be null
   const int64_t* kv_lengths;     // (B,) as int64; may be null
+  // kv_index (B, Nk') int64: attend to key rows kv_index[b] (prefix dropout); num_gathered = Nk'. Masks,
+  // rotary positions and padding flags follow the memory rows; kv_lengths and causal refer to Nk'.
+  const int64_t* kv_index;
+  int64_t kv_index_batch_stride;
+  int num_gathered;
   // Rotary embeddings (rotary_dim > 0): float32 cos/sin tables (2, Bt, N, rotary_dim / 2), Bt = 1 or B, for
   // the queries and the keys; pairs (2i, 2i+1) when interleaved, else (i, i + rotary_dim / 2).
   const float* q_rope;
@@ -56,6 +61,9 @@ struct BackwardParams {
   void* dv;              // (B, Nk, H, Dv), contiguous
   const bool* key_padding_mask;
   const int64_t* kv_lengths;
+  const int64_t* kv_index;  // as in AttentionParams; dK/dV are scattered to the gathered rows (zeros elsewhere)
+  int64_t kv_index_batch_stride;
+  int num_gathered;
   // Rotary embeddings (rotary_dim > 0): float32 cos/sin tables (2, Bt, N, rotary_dim / 2), Bt = 1 or B, for
   // the queries and the keys; pairs (2i, 2i+1) when interleaved, else (i, i + rotary_dim / 2).
   const float* q_rope;

@@ -12,6 +12,9 @@
 // by every key block (and, for a query broadcast over the batch, by every sample), so atomics are the
 // simple correct choice; the host casts it to q's dtype.
 //
+// kv_index: K/V rows are gathered on load as in the forward, and dK/dV are written back to the gathered
+// memory rows (the host zeroes the others).
+//
 // Rotary: Q and K are rotated in shared memory as in the forward, so dQ and dK come out in the rotated
 // frame; dQ (float32 buffer) and dK (then written in float32) are turned back by rotate_back_kernel.
 //
@@ -62,7 +65,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   const int lane = threadIdx.x % 32;
   const int group = lane / 4;
   const int quad = lane % 4;
-  const int length = valid_length(p.kv_lengths, b, p.num_keys);
+  const int64_t* index = p.kv_index == nullptr ? nullptr : p.kv_index + b * p.kv_index_batch_stride;
+  const int num_keys = index == nullptr ? p.num_keys : p.num_gathered;  // the (gathered) key axis
+  const int length = valid_length(p.kv_lengths, b, num_keys);
   const float scale_log2 = p.scale * kLog2e;
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -87,8 +92,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   const bool any_work = n0 < length && first_query < p.num_queries;
 
   if (any_work) {
-    load_tile<T, D, kKeysPerCta, kThreads>(k_smem, k_base, p.k_row_stride, n0, length, p.head_dim_qk);
-    load_tile<T, D, kKeysPerCta, kThreads>(v_smem, v_base, p.v_row_stride, n0, length, p.head_dim_v);
+    load_tile<T, D, kKeysPerCta, kThreads>(k_smem, k_base, p.k_row_stride, n0, length, p.head_dim_qk, index,
+                                           p.num_keys);
+    load_tile<T, D, kKeysPerCta, kThreads>(v_smem, v_base, p.v_row_stride, n0, length, p.head_dim_v, index,
+                                           p.num_keys);
     cp_async_commit();
   }
   // The key (row of S^T) of each accumulator element: warp * 16 + group (+8), and its visibility
@@ -98,8 +105,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   bool key_ok[2] = {key0 < length, key1 < length};
   if (p.key_padding_mask != nullptr) {
     const bool* mask = p.key_padding_mask + b * p.mask_batch_stride;
-    if (key_ok[0]) key_ok[0] = !mask[key0 * p.mask_row_stride];
-    if (key_ok[1]) key_ok[1] = !mask[key1 * p.mask_row_stride];
+    if (key_ok[0]) key_ok[0] = !mask[key_row(index, key0, p.num_keys) * p.mask_row_stride];
+    if (key_ok[1]) key_ok[1] = !mask[key_row(index, key1, p.num_keys) * p.mask_row_stride];
   }
 
   bool k_rotated = false;
@@ -117,15 +124,15 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     if (p.rotary_dim > 0) {  // Q of this step, and (first step) K, rotated in place as in the forward
       const int half = p.rotary_dim / 2;
       const int q_rope_b = p.q_rope_batch > 1 ? b : 0;
-      rotate_tile<T, D, kM, kThreads>(q_smem, p.q_rope + (static_cast<int64_t>(q_rope_b) * p.num_queries + m0) * half,
-                                      static_cast<int64_t>(p.q_rope_batch) * p.num_queries * half,
+      rotate_tile<T, D, kM, kThreads>(q_smem, p.q_rope + static_cast<int64_t>(q_rope_b) * p.num_queries * half,
+                                      static_cast<int64_t>(p.q_rope_batch) * p.num_queries * half, m0,
                                       p.num_queries - m0, p.rotary_dim, p.rotary_interleaved);
       if (!k_rotated) {
         const int k_rope_b = p.k_rope_batch > 1 ? b : 0;
         rotate_tile<T, D, kKeysPerCta, kThreads>(
-            k_smem, p.k_rope + (static_cast<int64_t>(k_rope_b) * p.num_keys + n0) * half,
-            static_cast<int64_t>(p.k_rope_batch) * p.num_keys * half, length - n0, p.rotary_dim,
-            p.rotary_interleaved);
+            k_smem, p.k_rope + static_cast<int64_t>(k_rope_b) * p.num_keys * half,
+            static_cast<int64_t>(p.k_rope_batch) * p.num_keys * half, n0, length - n0, p.rotary_dim,
+            p.rotary_interleaved, index, p.num_keys);
         k_rotated = true;
       }
       __syncthreads();
@@ -258,12 +265,14 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     __syncthreads();  // q/dO/dS buffers are refilled by the next step
   }
 
-  // dK (scaled) and dV of the keys this CTA owns; keys nothing could see get zeros.
+  // dK (scaled) and dV of the keys this CTA owns, at their memory rows (scattered back with kv_index; rows
+  // nothing gathered keep the zeros the host wrote); keys nothing could see get zeros.
   T* dv_base = static_cast<T*>(p.dv) + ((static_cast<int64_t>(b) * p.num_keys) * p.heads + h) * p.head_dim_v;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int key = r == 0 ? key0 : key1;
-    if (key >= p.num_keys) continue;
+    const int gathered_key = r == 0 ? key0 : key1;
+    if (gathered_key >= num_keys) continue;
+    const int64_t key = key_row(index, gathered_key, p.num_keys);
 #pragma unroll
     for (int jd = 0; jd < D / 8; ++jd) {
       const int d = jd * 8 + 2 * quad;
@@ -278,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
         }
       }
       if (d < p.head_dim_v) {
-        T* out = dv_base + static_cast<int64_t>(key) * p.heads * p.head_dim_v + d;
+        T* out = dv_base + key * p.heads * p.head_dim_v + d;
         *reinterpret_cast<uint32_t*>(out) = Ops::pack(dv[jd][2 * r], dv[jd][2 * r + 1]);
       }
     }
@@ -294,7 +303,8 @@ void run_backward(const BackwardParams& p, cudaStream_t stream) {
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }
-  const dim3 grid(p.batch * p.heads, (p.num_keys + kKeysPerCta - 1) / kKeysPerCta);
+  const int key_axis = p.kv_index == nullptr ? p.num_keys : p.num_gathered;
+  const dim3 grid(p.batch * p.heads, (key_axis + kKeysPerCta - 1) / kKeysPerCta);
   kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -7,6 +7,9 @@
 // stays in registers: the S accumulator fragment of two n8 tiles is exactly the A fragment of one k16
 // step of P V, so P never touches shared memory. V fragments come from ldmatrix.trans.
 //
+// kv_index (prefix dropout) gathers on load: key j of the gathered axis is memory row kv_index[b][j], with
+// that row's rotary position and padding flag; kv_lengths and the causal mask refer to the gathered axis.
+//
 // Rotary embeddings (Perceiver AR) are applied on load: the Q tile and each K tile are rotated in shared
 // memory, in float32 from the cos/sin tables, and rounded back to 16 bits as a naive rotation would.
 //
@@ -60,7 +63,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   const int group = lane / 4;  // the fragment row this thread holds (and +8)
   const int quad = lane % 4;   // which column pair
 
-  const int length = valid_length(p.kv_lengths, b, p.num_keys);
+  // The key axis: the memory rows, or (prefix dropout) the rows kv_index[b] gathers from them.
+  const int64_t* index = p.kv_index == nullptr ? nullptr : p.kv_index + b * p.kv_index_batch_stride;
+  const int num_keys = index == nullptr ? p.num_keys : p.num_gathered;
+  const int length = valid_length(p.kv_lengths, b, num_keys);
   // The last key any row of this CTA can see (causal: the CTA's last row's diagonal).
   int key_end = length;
   if (p.causal) {
@@ -79,8 +85,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 
   load_tile<T, D, kBlockM, kThreads>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
   if (tile_begin < tile_end) {
-    load_tile<T, D, kBlockN, kThreads>(k_smem, k_base, p.k_row_stride, tile_begin * kBlockN, length, p.head_dim_qk);
-    load_tile<T, D, kBlockN, kThreads>(v_smem, v_base, p.v_row_stride, tile_begin * kBlockN, length, p.head_dim_v);
+    load_tile<T, D, kBlockN, kThreads>(k_smem, k_base, p.k_row_stride, tile_begin * kBlockN, length, p.head_dim_qk,
+                                       index, p.num_keys);
+    load_tile<T, D, kBlockN, kThreads>(v_smem, v_base, p.v_row_stride, tile_begin * kBlockN, length, p.head_dim_v,
+                                       index, p.num_keys);
   }
   cp_async_commit();
 
@@ -100,9 +108,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     const int buffer = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {  // prefetch the next tile into the other buffer
       load_tile<T, D, kBlockN, kThreads>(k_smem + (buffer ^ 1) * kBlockN * kStride, k_base, p.k_row_stride,
-                               (tile + 1) * kBlockN, length, p.head_dim_qk);
+                                         (tile + 1) * kBlockN, length, p.head_dim_qk, index, p.num_keys);
       load_tile<T, D, kBlockN, kThreads>(v_smem + (buffer ^ 1) * kBlockN * kStride, v_base, p.v_row_stride,
-                               (tile + 1) * kBlockN, length, p.head_dim_v);
+                                         (tile + 1) * kBlockN, length, p.head_dim_v, index, p.num_keys);
     }
     cp_async_commit();
     cp_async_wait<1>();  // everything but the prefetch has landed (Q came with the first group)
@@ -111,9 +119,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     if (tile == tile_begin) {
       if (p.rotary_dim > 0) {  // rotate Q once, in shared memory, before it becomes fragments
         const int rope_b = p.q_rope_batch > 1 ? b : 0;
-        const float* cos = p.q_rope + (static_cast<int64_t>(rope_b) * p.num_queries + m0) * (p.rotary_dim / 2);
+        const float* cos = p.q_rope + static_cast<int64_t>(rope_b) * p.num_queries * (p.rotary_dim / 2);
         const int64_t sin_offset = static_cast<int64_t>(p.q_rope_batch) * p.num_queries * (p.rotary_dim / 2);
-        rotate_tile<T, D, kBlockM, kThreads>(q_smem, cos, sin_offset, p.num_queries - m0, p.rotary_dim,
+        rotate_tile<T, D, kBlockM, kThreads>(q_smem, cos, sin_offset, m0, p.num_queries - m0, p.rotary_dim,
                                              p.rotary_interleaved);
         __syncthreads();
       }
@@ -129,10 +137,11 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 
     if (p.rotary_dim > 0) {  // rotate this K tile in place (its keys keep their own positions)
       const int rope_b = p.k_rope_batch > 1 ? b : 0;
-      const float* cos = p.k_rope + (static_cast<int64_t>(rope_b) * p.num_keys + tile * kBlockN) * (p.rotary_dim / 2);
+      const float* cos = p.k_rope + static_cast<int64_t>(rope_b) * p.num_keys * (p.rotary_dim / 2);
       const int64_t sin_offset = static_cast<int64_t>(p.k_rope_batch) * p.num_keys * (p.rotary_dim / 2);
-      rotate_tile<T, D, kBlockN, kThreads>(k_smem + buffer * kBlockN * kStride, cos, sin_offset,
-                                           length - tile * kBlockN, p.rotary_dim, p.rotary_interleaved);
+      rotate_tile<T, D, kBlockN, kThreads>(k_smem + buffer * kBlockN * kStride, cos, sin_offset, tile * kBlockN,
+                                           length - tile * kBlockN, p.rotary_dim, p.rotary_interleaved, index,
+                                           p.num_keys);
       __syncthreads();
     }
 
@@ -160,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       for (int c = 0; c < 2; ++c) {
         const int key = n0 + j * 8 + 2 * quad + c;
         bool visible = key < length;
-        if (visible && p.key_padding_mask != nullptr) {
-          visible = !p.key_padding_mask[b * p.mask_batch_stride + key * p.mask_row_stride];
+        if (visible && p.key_padding_mask != nullptr) {  // the flag of the key's memory row
+          visible = !p.key_padding_mask[b * p.mask_batch_stride + key_row(index, key, p.num_keys) * p.mask_row_stride];
         }
         const int diagonal = length - p.num_queries;  // causal: key <= row + diagonal
         if (!visible || (p.causal && key > row0 + diagonal)) s[j][c] = -INFINITY;

@@ -79,29 +79,40 @@ struct Types<__nv_bfloat16> {
   }
 };
 
+// The memory row of key j of the (possibly gathered) key axis: index[j] clamped to [0, num_rows) when a
+// kv_index row is given (prefix dropout), else j.
+__device__ __forceinline__ int64_t key_row(const int64_t* index, int j, int num_rows) {
+  if (index == nullptr) return j;
+  const int64_t row = index[j];
+  return row < 0 ? 0 : (row >= num_rows ? num_rows - 1 : row);
+}
+
 // Copies rows [first_row, first_row + ROWS) x columns [0, D) of a row-major global tile into shared
-// memory (row stride D + 8); rows >= rows_valid and columns >= cols_valid are zero-filled.
+// memory (row stride D + 8); rows >= rows_valid and columns >= cols_valid are zero-filled. With `index`
+// (one sample's kv_index row), row j is read from memory row key_row(index, j, num_rows).
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int first_row, int rows_valid,
-                                          int cols_valid) {
+                                          int cols_valid, const int64_t* index = nullptr, int num_rows = 0) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kStride = D + 8;
   for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
     const int r = c / kChunks;
     const int col = (c % kChunks) * 8;
     const bool valid = first_row + r < rows_valid && col < cols_valid;
-    const T* from = valid ? src + static_cast<int64_t>(first_row + r) * row_stride + col : src;
+    const T* from = valid ? src + key_row(index, first_row + r, num_rows) * row_stride + col : src;
     cp_async_16(dst + r * kStride + col, from, valid);
   }
 }
 
 // Rotates, in shared memory, the first rotary_dim channels of rows [0, rows_valid) of a (ROWS, D) tile
-// (row stride D + 8) by float32 cos/sin rows (row r at cos[r * half], sin = cos + sin_offset), rounding
-// the result to T as a naive rotation would. Each pair belongs to one thread: no race within the call;
-// callers __syncthreads() before and after.
+// (row stride D + 8) holding rows first_row.. of the key (or query) axis, by the float32 cos/sin tables of
+// one sample (cos row m at cos[m * half], sin = cos + sin_offset; m = key_row(index, first_row + r) with a
+// kv_index row, so a gathered key keeps its own position), rounding to T as a naive rotation would.
+// Each pair belongs to one thread: no race within the call; callers __syncthreads() before and after.
 template <typename T, int D, int ROWS, int THREADS>
-__device__ __forceinline__ void rotate_tile(T* tile, const float* cos, int64_t sin_offset, int rows_valid,
-                                            int rotary_dim, bool interleaved) {
+__device__ __forceinline__ void rotate_tile(T* tile, const float* cos, int64_t sin_offset, int first_row,
+                                            int rows_valid, int rotary_dim, bool interleaved,
+                                            const int64_t* index = nullptr, int num_rows = 0) {
   constexpr int kStride = D + 8;
   const int half = rotary_dim / 2;
   for (int c = threadIdx.x; c < ROWS * half; c += THREADS) {
@@ -110,8 +121,9 @@ __device__ __forceinline__ void rotate_tile(T* tile, const float* cos, int64_t s
     if (r >= rows_valid) continue;
     const int a = interleaved ? 2 * i : i;
     const int b = interleaved ? 2 * i + 1 : i + half;
-    const float cs = cos[r * half + i];
-    const float sn = cos[sin_offset + r * half + i];
+    const int64_t table_row = key_row(index, first_row + r, num_rows);
+    const float cs = cos[table_row * half + i];
+    const float sn = cos[sin_offset + table_row * half + i];
     T* row = tile + r * kStride;
     const float x = Types<T>::to_float(row[a]);
     const float y = Types<T>::to_float(row[b]);

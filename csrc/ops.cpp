@@ -51,8 +51,7 @@ int padded_head_dim(int64_t head_dim_qk, int64_t head_dim_v) {
 // int64 tensor (a device-side cast: no synchronisation) or an undefined tensor.
 at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
-                        const std::optional<at::Tensor>& kv_index, double scale) {
-  TORCH_CHECK(!kv_index.has_value(), kOp, "kv_index (prefix dropout) is not supported by the CUDA backend yet");
+                        double scale) {
   TORCH_CHECK(q.dim() == 4, kOp, "q must be (Bq, Nq, H, Dqk), got ", shape_of(q));
   TORCH_CHECK(k.dim() == 4, kOp, "k must be (B, Nk, H, Dqk), got ", shape_of(k));
   TORCH_CHECK(v.dim() == 4, kOp, "v must be (B, Nk, H, Dv), got ", shape_of(v));
@@ -102,6 +101,18 @@ at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return kv_lengths->to(at::kLong).contiguous();
 }
 
+// kv_index (B, Nk') int64 on q's device, with unit stride along the gathered axis; undefined without it.
+// (Range and order are the Python side's check: the kernels clamp, so a bad index cannot read out of bounds.)
+at::Tensor check_kv_index(const std::optional<at::Tensor>& kv_index, const at::Tensor& k) {
+  if (!kv_index.has_value()) return {};
+  const at::Tensor& t = *kv_index;
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == k.size(0), kOp,
+              "kv_index must be int64 (", k.size(0), ", Nk'), got ", t.scalar_type(), " ", shape_of(t));
+  TORCH_CHECK(t.device() == k.device(), kOp, "kv_index must be on ", k.device());
+  TORCH_CHECK(t.size(1) <= 65535 * 64, kOp, "kv_index gathers at most 65535 * 64 keys, got ", t.size(1));
+  return t.stride(1) == 1 ? t : t.contiguous();
+}
+
 // The rotary tables (2, Bt, N, rotary_dim / 2) float32 of the queries or keys, made contiguous; an undefined
 // tensor without rotary.
 at::Tensor check_rope(const std::optional<at::Tensor>& rope, const char* name, int64_t rotary_dim, int64_t batch,
@@ -124,7 +135,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& kv_index,
     const std::optional<at::Tensor>& q_rope, const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
     bool rotary_interleaved, bool causal, double scale, int64_t num_splits) {
-  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, scale);
+  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, scale);
+  const at::Tensor index = check_kv_index(kv_index, k);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
   const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
@@ -161,6 +173,11 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     p.mask_row_stride = key_padding_mask->stride(1);
   }
   if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
+  if (index.defined()) {
+    p.kv_index = index.data_ptr<int64_t>();
+    p.kv_index_batch_stride = index.stride(0);
+    p.num_gathered = static_cast<int>(index.size(1));
+  }
   if (rotary_dim > 0) {
     p.q_rope = q_table.data_ptr<float>();
     p.k_rope = k_table.data_ptr<float>();
@@ -179,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
   p.scale = static_cast<float>(scale);
   p.causal = causal;
   // More splits than key blocks would only allocate empty partials.
-  p.num_splits = static_cast<int>(std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, (num_keys + 63) / 64)));
+  const int64_t key_axis = index.defined() ? index.size(1) : num_keys;
+  p.num_splits = static_cast<int>(std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, (key_axis + 63) / 64)));
 
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
@@ -204,7 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits) {
   (void)num_splits;  // the backward parallelises over key blocks; nothing to split
-  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, kv_index, scale);
+  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, scale);
+  const at::Tensor index = check_kv_index(kv_index, k);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
   const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
@@ -229,8 +248,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
                 "grad_lse must be shaped like lse ", shape_of(lse), " on ", q.device(), ", got ", shape_of(*grad_lse));
   }
   auto dq_accum = at::zeros({q.size(0), num_queries, heads, head_dim_qk}, q.options().dtype(at::kFloat));
-  auto dk = at::empty({batch, num_keys, heads, head_dim_qk}, q.options());
-  auto dv = at::empty({batch, num_keys, heads, head_dim_v}, q.options());
+  // With kv_index the kernel writes only the gathered rows: the others' gradients are zero.
+  auto dk = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_qk}, q.options())
+                            : at::empty({batch, num_keys, heads, head_dim_qk}, q.options());
+  auto dv = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_v}, q.options())
+                            : at::empty({batch, num_keys, heads, head_dim_v}, q.options());
   if (batch == 0 || heads == 0 || num_keys == 0) return {dq_accum.to(q.scalar_type()), dk, dv};
   if (num_queries == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};
 
@@ -277,6 +299,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     p.mask_row_stride = key_padding_mask->stride(1);
   }
   if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
+  if (index.defined()) {
+    p.kv_index = index.data_ptr<int64_t>();
+    p.kv_index_batch_stride = index.stride(0);
+    p.num_gathered = static_cast<int>(index.size(1));
+  }
   at::Tensor dk_float;
   if (rotary_dim > 0) {
     p.q_rope = q_table.data_ptr<float>();
@@ -285,7 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     p.k_rope_batch = static_cast<int>(k_table.size(1));
     p.rotary_dim = static_cast<int>(rotary_dim);
     p.rotary_interleaved = rotary_interleaved;
-    dk_float = at::empty({batch, num_keys, heads, head_dim_qk}, q.options().dtype(at::kFloat));
+    const auto float_options = q.options().dtype(at::kFloat);
+    dk_float = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_qk}, float_options)
+                               : at::empty({batch, num_keys, heads, head_dim_qk}, float_options);
     p.dk_float = dk_float.data_ptr<float>();
   }
   p.batch = static_cast<int>(batch);

@@ -77,13 +77,11 @@ class _Unsupported(Exception):
 def _cuda_fn(num_splits: int):
     from .ops import cuda_attention
 
-    def fn(q, k, v, rotary_dim=0, kv_index=None, **kw):
-        reason = cuda_attention.unsupported_reason(q, k, v, kv_index, q.shape[-1] ** -0.5)
+    def fn(q, k, v, **kw):
+        reason = cuda_attention.unsupported_reason(q, k, v, q.shape[-1] ** -0.5)
         if reason is not None:
             raise _Unsupported(reason)
-        return cuda_attention.cuda_attention(
-            q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, rotary_dim=rotary_dim, **kw
-        )
+        return cuda_attention.cuda_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
 
     return fn
 

@@ -51,7 +51,7 @@ def attention(
         scale: score scale, default ``Dqk ** -0.5``.
         backend: ``"auto"`` (fastest correct backend for the inputs' device), ``"triton"``,
             ``"reference"``, ``"cuda"`` (the CUDA C++ forward; float16/bfloat16, head dims multiples of 8 up
-            to 128, no ``kv_index`` yet: other inputs raise, naming what is missing).
+            to 128: other inputs raise, naming what is missing).
             ``"auto"`` does not choose ``"cuda"`` yet.
         return_lse: also return the log-sum-exp of the scaled scores.
         rotary_dim: rotate the first ``rotary_dim`` channels (even, ``<= Dqk``) of every q and k head
@@ -98,10 +98,9 @@ def attention(
 def _cuda(q: Tensor, k: Tensor, v: Tensor, options: dict) -> tuple[Tensor, Tensor]:
     from .ops import cuda_attention
 
-    reason = cuda_attention.unsupported_reason(q, k, v, options["kv_index"], options["scale"])
+    reason = cuda_attention.unsupported_reason(q, k, v, options["scale"])
     if reason is not None:
         raise ValueError(f"backend='cuda' cannot run these inputs: {reason}; backend='triton' (or 'auto') can")
-    options = {name: value for name, value in options.items() if name != "kv_index"}  # None: checked above
     return cuda_attention.cuda_attention(q, k, v, **options)
 
 

@@ -154,6 +154,23 @@ GPU_CASES = {
         batch=3, q_batch=1, nq=17, nk=80, causal=True, rotary_dim=16, positions="left-pad"
     ),
     "rotary-decode": AttentionCase(batch=3, nq=1, nk=200, causal=True, kv_lengths=(200, 57, 1), rotary_dim=16),
+    # Prefix dropout: kv_index gathers half of the prefix, then the latents; dK/dV scattered back.
+    "prefix-dropout": AttentionCase(batch=3, nq=17, nk=150, causal=True, prefix_dropout=True),
+    "prefix-dropout-rotary-padding": AttentionCase(
+        batch=3, nq=17, nk=150, causal=True, rotary_dim=16, prefix_dropout=True, pad_fraction=0.2
+    ),
+    "prefix-dropout-left-pad-neox": AttentionCase(
+        batch=2,
+        nq=33,
+        nk=200,
+        dqk=64,
+        dv=64,
+        causal=True,
+        rotary_dim=32,
+        rotary_interleaved=False,
+        positions="left-pad",
+        prefix_dropout=True,
+    ),  # fmt: skip
 }
 
 
@@ -189,18 +206,13 @@ def test_public_api_runs_the_cuda_kernels(device):
         (dict(dtype=torch.float32), "float16 and bfloat16"),
         (dict(dqk=100), "multiples of 8 up to 128"),
         (dict(dv=160), "multiples of 8 up to 128"),
-        (dict(kv_index=True), "kv_index"),
+        (dict(dqk=36), "multiples of 8 up to 128"),
     ],
 )
 def test_unsupported_inputs_are_refused_with_the_reason(overrides, words, device):
     dtype, dqk, dv = overrides.get("dtype", torch.float16), overrides.get("dqk", 32), overrides.get("dv", 32)
     q, k = (torch.randn(2, 16, 2, dqk, device=device, dtype=dtype) for _ in range(2))
     v = torch.randn(2, 16, 2, dv, device=device, dtype=dtype)
-    kwargs = {}
-    if "rotary_dim" in overrides:
-        kwargs["rotary_dim"] = overrides["rotary_dim"]
-    if "kv_index" in overrides:
-        kwargs["kv_index"] = torch.arange(8, device=device).expand(2, -1)
     with pytest.raises(ValueError, match=f"backend='cuda' cannot run these inputs: .*{words}"):
-        pk.attention(q, k, v, backend="cuda", **kwargs)
-    pk.attention(q, k, v, backend="auto", **kwargs)  # auto runs them (Triton)
+        pk.attention(q, k, v, backend="cuda")
+    pk.attention(q, k, v, backend="auto")  # auto runs them (Triton)

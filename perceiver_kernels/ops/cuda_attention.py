@@ -48,9 +48,7 @@ def load() -> str | None:
     return reason
 
 
-def unsupported_reason(
-    q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor | None = None, scale: float | None = None
-) -> str | None:
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> str | None:
     """Why the CUDA kernels cannot run these (already validated) inputs, or None."""
     if q.device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor"
@@ -58,11 +56,9 @@ def unsupported_reason(
         return f"the CUDA backend computes float16 and bfloat16 so far, not {q.dtype}"
     if scale is not None and not torch.finfo(torch.float32).tiny <= scale <= torch.finfo(torch.float32).max:
         return f"the CUDA kernels need a positive float32 scale, got {scale}"
-    grid_limit = 65535 * BLOCK_M
+    grid_limit = 65535 * BLOCK_M  # query / key blocks of 64 along the grid's y axis
     if q.shape[1] > grid_limit or k.shape[1] > grid_limit:
         return f"the CUDA kernels take at most {grid_limit} queries and keys, got {q.shape[1]} and {k.shape[1]}"
-    if kv_index is not None:
-        return "kv_index (prefix dropout) is not in the CUDA kernels yet"
     dqk, dv = q.shape[-1], v.shape[-1]
     if dqk % 8 or dv % 8 or dqk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         return f"the CUDA kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {dqk} and {dv}"
@@ -87,17 +83,19 @@ def cuda_attention(
     k_positions: Tensor | None = None,
     rotary_base: float = 10000.0,
     rotary_interleaved: bool = True,
+    kv_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable CUDA attention ``(out, lse)``; arguments as in ``pk.attention`` (validated, and
     supported per :func:`unsupported_reason`). ``num_splits`` 0: the split-KV heuristic of
     ``kernels/configs.py`` (shared with the Triton forward)."""
-    q, q_rope, k_rope = rotary_inputs(q, k, rotary_dim, q_positions, k_positions, rotary_base, kv_lengths, None)
+    q, q_rope, k_rope = rotary_inputs(q, k, rotary_dim, q_positions, k_positions, rotary_base, kv_lengths, kv_index)
     if num_splits == 0:
-        batch, heads, num_queries, num_keys = k.shape[0], q.shape[2], q.shape[1], k.shape[1]
+        batch, heads, num_queries = k.shape[0], q.shape[2], q.shape[1]
+        num_keys = k.shape[1] if kv_index is None else kv_index.shape[1]
         base_programs = batch * heads * configs.cdiv(num_queries, BLOCK_M)
         num_splits = configs.num_kv_splits(base_programs, configs.cdiv(num_keys, BLOCK_N), q.device.index or 0)
     return torch.ops.perceiver_kernels.cuda_attention_fwd(
-        q, k, v, key_padding_mask, kv_lengths, None, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
+        q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
         float(scale), num_splits,
     )  # fmt: skip
 
