@@ -107,6 +107,11 @@ def _require_memory(shape: Shape, inputs: Inputs, mode: str, bytes_per_score: in
 def ours(backend: str) -> Callable[[Shape, Inputs, str], AttentionFn]:
     def build(shape: Shape, inputs: Inputs, mode: str) -> AttentionFn:
         reason = pk.backend_unavailable_reason(backend, inputs.q)
+        if reason is None and backend == "cuda":  # the CUDA kernels cover part of the contract so far
+            from perceiver_kernels.ops import cuda_attention
+
+            q, k, v = (t.transpose(1, 2) for t in (inputs.q, inputs.k, inputs.v))
+            reason = cuda_attention.unsupported_reason(q, k, v, q.shape[-1] ** -0.5)
         if reason is not None:
             raise Unavailable(reason)
         options = dict(

@@ -224,41 +224,39 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     __syncthreads();
 
     // dQ (kM queries x D) += dS (kM x 64 keys) K: warp w takes query rows (w % 2) * 16 and half the dims.
+    // The dS fragments (16 registers) are loaded once; each n8 tile of dims then needs only 4 accumulators,
+    // issued as atomics right away (keeping all tiles live would cost D/4 registers on top of dK and dV).
     {
       constexpr int kTiles = D / 8 / 2;  // n8 tiles of dims per warp
       const int query_tile = warp % 2;
       const int first_tile = (warp / 2) * kTiles;
-      float dq[kTiles][4];
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
-      }
+      uint32_t a_frag[kKeysPerCta / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kKeysPerCta / 16; ++kk) {
         const T* ds_row = ds_smem + (query_tile * 16 + group) * kScoreStride + kk * 16 + 2 * quad;
-        const uint32_t a_frag[4] = {*reinterpret_cast<const uint32_t*>(ds_row),
-                                    *reinterpret_cast<const uint32_t*>(ds_row + 8 * kScoreStride),
-                                    *reinterpret_cast<const uint32_t*>(ds_row + 8),
-                                    *reinterpret_cast<const uint32_t*>(ds_row + 8 * kScoreStride + 8)};
-#pragma unroll
-        for (int j = 0; j < kTiles; ++j) {
-          uint32_t k_frag[2];
-          ldmatrix_x2_trans(k_frag, k_smem + (kk * 16 + (lane & 15)) * kStride + (first_tile + j) * 8);
-          Ops::mma(dq[j], a_frag, k_frag);
-        }
+        a_frag[kk][0] = *reinterpret_cast<const uint32_t*>(ds_row);
+        a_frag[kk][1] = *reinterpret_cast<const uint32_t*>(ds_row + 8 * kScoreStride);
+        a_frag[kk][2] = *reinterpret_cast<const uint32_t*>(ds_row + 8);
+        a_frag[kk][3] = *reinterpret_cast<const uint32_t*>(ds_row + 8 * kScoreStride + 8);
       }
 #pragma unroll
       for (int j = 0; j < kTiles; ++j) {
         const int d = (first_tile + j) * 8 + 2 * quad;
-        if (d >= p.head_dim_qk) continue;
+        if ((first_tile + j) * 8 >= p.head_dim_qk) break;  // warp-uniform: the rest are padding dims
+        float dq[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < kKeysPerCta / 16; ++kk) {
+          uint32_t k_frag[2];
+          ldmatrix_x2_trans(k_frag, k_smem + (kk * 16 + (lane & 15)) * kStride + (first_tile + j) * 8);
+          Ops::mma(dq, a_frag[kk], k_frag);
+        }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int query = m0 + query_tile * 16 + group + 8 * r;
-          if (query >= p.num_queries) continue;
+          if (query >= p.num_queries || d >= p.head_dim_qk) continue;
           float* out = dq_base + query * p.dq_row_stride + d;
-          atomicAdd(out, dq[j][2 * r] * p.scale);
-          atomicAdd(out + 1, dq[j][2 * r + 1] * p.scale);
+          atomicAdd(out, dq[2 * r] * p.scale);
+          atomicAdd(out + 1, dq[2 * r + 1] * p.scale);
         }
       }
     }
