@@ -1,5 +1,4 @@
-// Perceiver attention forward, CUDA C++ (sm_80+): the launch parameters shared by the host code and
-// the kernels. Layout as in perceiver_kernels.attention: q (Bq, Nq, H, Dqk), k (B, Nk, H, Dqk),
+// Perceiver attention, CUDA C++ (sm_80+): the launch parameters shared by the host code and the kernels. Layout as in perceiver_kernels.attention: q (Bq, Nq, H, Dqk), k (B, Nk, H, Dqk),
 // v (B, Nk, H, Dv), out (B, Nq, H, Dv), lse (B, H, Nq) float32. Strides are in elements.
 #pragma once
 
@@ -9,15 +8,11 @@
 
 namespace perceiver_kernels {
 
-struct AttentionParams {
+// What the forward and the backward both read: the inputs, the masks, the key axis and rotary.
+struct CommonParams {
   const void* q;
   const void* k;
   const void* v;
-  void* out;
-  float* lse;
-  // Split-KV partials (num_splits > 1): out_partial (splits, B, H, Nq, Dv) and lse_partial (splits, B, H, Nq).
-  float* out_partial;
-  float* lse_partial;
   const bool* key_padding_mask;  // (B, Nk), True = padding; may be null
   const int64_t* kv_lengths;     // (B,) as int64; may be null
   // kv_index (B, Nk') int64: attend to key rows kv_index[b] (prefix dropout); num_gathered = Nk'. Masks,
@@ -36,53 +31,36 @@ struct AttentionParams {
   int64_t q_batch_stride, q_row_stride, q_head_stride;  // q_batch_stride 0: a query broadcast over the batch
   int64_t k_batch_stride, k_row_stride, k_head_stride;
   int64_t v_batch_stride, v_row_stride, v_head_stride;
-  int64_t out_batch_stride, out_row_stride, out_head_stride;
   int64_t mask_batch_stride, mask_row_stride;
 
   int batch, heads, num_queries, num_keys;
   int head_dim_qk, head_dim_v;
   float scale;  // applied to q.k
   bool causal;  // bottom-right aligned: query i sees key j iff j <= i + L_b - Nq
+};
+
+struct AttentionParams : CommonParams {
+  void* out;
+  float* lse;
+  // Split-KV partials (num_splits > 1): out_partial (splits, B, H, Nq, Dv) and lse_partial (splits, B, H, Nq).
+  float* out_partial;
+  float* lse_partial;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
   int num_splits;
 };
 
 // The backward: dK, dV per key block (one CTA owns 64 keys of one (batch, head)); dQ accumulated in
 // float32 with atomics across key blocks (and across the batch for a broadcast query).
-struct BackwardParams {
-  const void* q;
-  const void* k;
-  const void* v;
+struct BackwardParams : CommonParams {
   const void* grad_out;  // (B, Nq, H, Dv)
   const float* lse;      // (B, H, Nq)
   const float* delta;    // (B, H, Nq): rowsum(dO * O) - dlse
   float* dq_accum;       // (Bq, Nq, H, Dqk) float32, zero-initialised
-  void* dk;              // (B, Nk, H, Dqk), contiguous
+  void* dk;              // (B, Nk, H, Dqk), contiguous; dK/dV are scattered to the gathered rows with kv_index
   float* dk_float;       // with rotary: dK in the rotated frame, float32 (B, Nk, H, Dqk), turned back after
   void* dv;              // (B, Nk, H, Dv), contiguous
-  const bool* key_padding_mask;
-  const int64_t* kv_lengths;
-  const int64_t* kv_index;  // as in AttentionParams; dK/dV are scattered to the gathered rows (zeros elsewhere)
-  int64_t kv_index_batch_stride;
-  int num_gathered;
-  // Rotary embeddings (rotary_dim > 0): float32 cos/sin tables (2, Bt, N, rotary_dim / 2), Bt = 1 or B, for
-  // the queries and the keys; pairs (2i, 2i+1) when interleaved, else (i, i + rotary_dim / 2).
-  const float* q_rope;
-  const float* k_rope;
-  int q_rope_batch, k_rope_batch;
-  int rotary_dim;
-  bool rotary_interleaved;
-
-  int64_t q_batch_stride, q_row_stride, q_head_stride;  // q_batch_stride 0: broadcast query
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  int64_t v_batch_stride, v_row_stride, v_head_stride;
   int64_t do_batch_stride, do_row_stride, do_head_stride;
   int64_t dq_batch_stride, dq_row_stride, dq_head_stride;  // dq_batch_stride 0 with a broadcast query
-  int64_t mask_batch_stride, mask_row_stride;
-
-  int batch, heads, num_queries, num_keys;
-  int head_dim_qk, head_dim_v;
-  float scale;
-  bool causal;
 };
 
 enum class DType { kFloat16, kBFloat16 };

@@ -130,30 +130,37 @@ at::Tensor check_rope(const std::optional<at::Tensor>& rope, const char* name, i
   return t.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& kv_index,
-    const std::optional<at::Tensor>& q_rope, const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
-    bool rotary_interleaved, bool causal, double scale, int64_t num_splits) {
-  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, scale);
-  const at::Tensor index = check_kv_index(kv_index, k);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
-  const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
-  const at::Tensor q_table = check_rope(q_rope, "q_rope", rotary_dim, batch, num_queries, head_dim_qk, q);
-  const at::Tensor k_table = check_rope(k_rope, "k_rope", rotary_dim, batch, num_keys, head_dim_qk, q);
-  TORCH_CHECK(rotary_dim == 0 || q.size(0) == batch || q_table.size(1) == 1, kOp,
-              "a broadcast (batch-1) q with per-sample q_rope must be expanded to the batch first");
-  auto out = at::empty({batch, num_queries, heads, head_dim_v}, q.options());
-  auto lse = at::empty({batch, heads, num_queries}, q.options().dtype(at::kFloat));
-  if (batch == 0 || heads == 0 || num_queries == 0) return {out, lse};
+// The inputs both ops share, checked: kv_lengths as int64, kv_index and the rotary tables (undefined where
+// absent).
+struct Checked {
+  at::Tensor lengths, index, q_table, k_table;
+};
 
-  AttentionParams p{};
+Checked check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
+                  const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
+                  const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, double scale) {
+  Checked c;
+  c.lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, scale);
+  c.index = check_kv_index(kv_index, k);
+  c.q_table = check_rope(q_rope, "q_rope", rotary_dim, k.size(0), q.size(1), k.size(3), q);
+  c.k_table = check_rope(k_rope, "k_rope", rotary_dim, k.size(0), k.size(1), k.size(3), q);
+  TORCH_CHECK(rotary_dim == 0 || q.size(0) == k.size(0) || c.q_table.size(1) == 1, kOp,
+              "a broadcast (batch-1) q with per-sample q_rope must be expanded to the batch first");
+  return c;
+}
+
+// The fields both ops set the same way.
+void fill_common(CommonParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& key_padding_mask, const Checked& c, int64_t rotary_dim,
+                 bool rotary_interleaved, bool causal, double scale) {
+  const at::Tensor& lengths = c.lengths;
+  const at::Tensor& index = c.index;
+  const at::Tensor& q_table = c.q_table;
+  const at::Tensor& k_table = c.k_table;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
   p.q_batch_stride = q.size(0) == 1 ? 0 : q.stride(0);
   p.q_row_stride = q.stride(1);
   p.q_head_stride = q.stride(2);
@@ -163,10 +170,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
   p.v_batch_stride = v.stride(0);
   p.v_row_stride = v.stride(1);
   p.v_head_stride = v.stride(2);
-  p.out_batch_stride = out.stride(0);
-  p.out_row_stride = out.stride(1);
-  p.out_head_stride = out.stride(2);
-
   if (key_padding_mask.has_value()) {
     p.key_padding_mask = key_padding_mask->data_ptr<bool>();
     p.mask_batch_stride = key_padding_mask->stride(0);
@@ -186,15 +189,37 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     p.rotary_dim = static_cast<int>(rotary_dim);
     p.rotary_interleaved = rotary_interleaved;
   }
-
-  p.batch = static_cast<int>(batch);
-  p.heads = static_cast<int>(heads);
-  p.num_queries = static_cast<int>(num_queries);
-  p.num_keys = static_cast<int>(num_keys);
-  p.head_dim_qk = static_cast<int>(head_dim_qk);
-  p.head_dim_v = static_cast<int>(head_dim_v);
+  p.batch = static_cast<int>(k.size(0));
+  p.heads = static_cast<int>(k.size(2));
+  p.num_queries = static_cast<int>(q.size(1));
+  p.num_keys = static_cast<int>(k.size(1));
+  p.head_dim_qk = static_cast<int>(k.size(3));
+  p.head_dim_v = static_cast<int>(v.size(3));
   p.scale = static_cast<float>(scale);
   p.causal = causal;
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& kv_index,
+    const std::optional<at::Tensor>& q_rope, const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
+    bool rotary_interleaved, bool causal, double scale, int64_t num_splits) {
+  const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
+  const at::Tensor& index = checked.index;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
+  const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
+  auto out = at::empty({batch, num_queries, heads, head_dim_v}, q.options());
+  auto lse = at::empty({batch, heads, num_queries}, q.options().dtype(at::kFloat));
+  if (batch == 0 || heads == 0 || num_queries == 0) return {out, lse};
+
+  AttentionParams p{};
+  fill_common(p, q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_batch_stride = out.stride(0);
+  p.out_row_stride = out.stride(1);
+  p.out_head_stride = out.stride(2);
   // More splits than key blocks would only allocate empty partials.
   const int64_t key_axis = index.defined() ? index.size(1) : num_keys;
   p.num_splits = static_cast<int>(std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, (key_axis + 63) / 64)));
@@ -222,15 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits) {
   (void)num_splits;  // the backward parallelises over key blocks; nothing to split
-  const at::Tensor lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, scale);
-  const at::Tensor index = check_kv_index(kv_index, k);
+  const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
+  const at::Tensor& index = checked.index;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
   const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
-  const at::Tensor q_table = check_rope(q_rope, "q_rope", rotary_dim, batch, num_queries, head_dim_qk, q);
-  const at::Tensor k_table = check_rope(k_rope, "k_rope", rotary_dim, batch, num_keys, head_dim_qk, q);
-  TORCH_CHECK(rotary_dim == 0 || q.size(0) == batch || q_table.size(1) == 1, kOp,
-              "a broadcast (batch-1) q with per-sample q_rope must be expanded to the batch first");
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == batch && out.size(1) == num_queries &&
                   out.size(2) == heads && out.size(3) == head_dim_v,
               kOp, "grad_out and out must be (", batch, ", ", num_queries, ", ", heads, ", ", head_dim_v, "), got ",
@@ -269,62 +290,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
   }
 
   BackwardParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  fill_common(p, q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale);
   p.grad_out = dout.data_ptr();
   p.lse = lse_c.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.q_batch_stride = q.size(0) == 1 ? 0 : q.stride(0);
-  p.q_row_stride = q.stride(1);
-  p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0);
-  p.k_row_stride = k.stride(1);
-  p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0);
-  p.v_row_stride = v.stride(1);
-  p.v_head_stride = v.stride(2);
   p.do_batch_stride = dout.stride(0);
   p.do_row_stride = dout.stride(1);
   p.do_head_stride = dout.stride(2);
   p.dq_batch_stride = q.size(0) == 1 ? 0 : dq_accum.stride(0);
   p.dq_row_stride = dq_accum.stride(1);
   p.dq_head_stride = dq_accum.stride(2);
-  if (key_padding_mask.has_value()) {
-    p.key_padding_mask = key_padding_mask->data_ptr<bool>();
-    p.mask_batch_stride = key_padding_mask->stride(0);
-    p.mask_row_stride = key_padding_mask->stride(1);
-  }
-  if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
-  if (index.defined()) {
-    p.kv_index = index.data_ptr<int64_t>();
-    p.kv_index_batch_stride = index.stride(0);
-    p.num_gathered = static_cast<int>(index.size(1));
-  }
   at::Tensor dk_float;
   if (rotary_dim > 0) {
-    p.q_rope = q_table.data_ptr<float>();
-    p.k_rope = k_table.data_ptr<float>();
-    p.q_rope_batch = static_cast<int>(q_table.size(1));
-    p.k_rope_batch = static_cast<int>(k_table.size(1));
-    p.rotary_dim = static_cast<int>(rotary_dim);
-    p.rotary_interleaved = rotary_interleaved;
     const auto float_options = q.options().dtype(at::kFloat);
     dk_float = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_qk}, float_options)
                                : at::empty({batch, num_keys, heads, head_dim_qk}, float_options);
     p.dk_float = dk_float.data_ptr<float>();
   }
-  p.batch = static_cast<int>(batch);
-  p.heads = static_cast<int>(heads);
-  p.num_queries = static_cast<int>(num_queries);
-  p.num_keys = static_cast<int>(num_keys);
-  p.head_dim_qk = static_cast<int>(head_dim_qk);
-  p.head_dim_v = static_cast<int>(head_dim_v);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
   const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
   const bool launched =
       launch_attention_backward(p, dtype, padded_head_dim(head_dim_qk, head_dim_v), at::cuda::getCurrentCUDAStream());
