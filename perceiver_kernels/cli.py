@@ -185,6 +185,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     for backend in ("triton", "cuda", "reference"):
         reason = functional.backend_unavailable_reason(backend, probe)
         print(f"  {backend:9s} {'available' if reason is None else 'unavailable: ' + reason}")
+    from .ops import cuda_extension
+
+    if cuda_extension.source is not None:
+        print(f"  cuda extension: {cuda_extension.source}")
     print("pk.patch integrations:")
     for package in ("transformers", "perceiver-pytorch", "perceiver-ar-pytorch"):
         try:

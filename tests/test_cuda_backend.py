@@ -200,6 +200,21 @@ def test_public_api_runs_the_cuda_kernels(device):
 
 
 @pytest.mark.gpu
+def test_compiles_without_graph_breaks(device):
+    q, k, v = (torch.randn(2, 70, 4, 64, device=device, dtype=torch.float16, requires_grad=True) for _ in range(3))
+
+    def step(q, k, v):
+        return pk.attention(q, k, v, causal=True, rotary_dim=32, backend="cuda").float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected = torch.autograd.grad(step(q, k, v), (q, k, v))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "overrides, words",
     [

@@ -36,6 +36,7 @@ EXTENSION_NAME = "perceiver_kernels_cuda"
 
 _reason: str | None = None
 _loaded = False
+source: str | None = None  # where the loaded extension came from (for `perceiver-kernels info`)
 
 
 def load() -> str | None:
@@ -54,8 +55,10 @@ def load() -> str | None:
 def _load() -> str | None:
     if os.environ.get("PERCEIVER_KERNELS_NO_CUDA") == "1":
         return "disabled by PERCEIVER_KERNELS_NO_CUDA=1"
+    global source
     try:
-        importlib.import_module("perceiver_kernels._C")
+        module = importlib.import_module("perceiver_kernels._C")
+        source = f"prebuilt ({module.__file__})"
         return None
     except ImportError:
         pass
@@ -71,6 +74,7 @@ def _load() -> str | None:
     if cuda_home is None:
         return "not built at install time, and no CUDA toolkit (nvcc) was found to build it; set CUDA_HOME"
     build()
+    source = f"built on first use from {SOURCES_DIR} (cached by torch.utils.cpp_extension)"
     return None
 
 
