@@ -43,6 +43,12 @@ constexpr int kQueriesPerStep = 32;
 constexpr int kThreads = 128;
 constexpr int kScoreStride = kKeysPerCta + 8;  // dS in shared memory: [query][key]
 
+// Head dims per CTA for the dK/dV/dQ accumulators: all of D up to 128, else slices of 128 (grid z).
+template <int D>
+constexpr int dim_slice() {
+  return D > 128 ? 128 : D;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const BackwardParams p) {
   using Ops = Types<T>;
@@ -78,10 +84,15 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   const float* lse_base = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
   const float* delta_base = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
 
-  float dk[D / 8][4];
-  float dv[D / 8][4];
+  // This CTA's slice of the head dims for dK, dV and dQ (S and dP always use all of them): D = 256 is
+  // split into two CTAs (blockIdx.z) of 128, so the accumulators stay at 128 dims per thread.
+  constexpr int kSlice = dim_slice<D>();
+  const int slice_base = blockIdx.z * kSlice;
+  if (slice_base >= p.head_dim_qk && slice_base >= p.head_dim_v) return;  // padding dims only
+  float dk[kSlice / 8][4];
+  float dv[kSlice / 8][4];
 #pragma unroll
-  for (int jd = 0; jd < D / 8; ++jd) {
+  for (int jd = 0; jd < kSlice / 8; ++jd) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[jd][e] = dv[jd][e] = 0.f;
   }
@@ -202,10 +213,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
                                    Ops::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
                                    Ops::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
 #pragma unroll
-      for (int jd = 0; jd < D / 8; ++jd) {
+      for (int jd = 0; jd < kSlice / 8; ++jd) {
         uint32_t do_frag[2], q_frag[2];
-        ldmatrix_x2_trans(do_frag, do_smem + (kk * 16 + (lane & 15)) * kStride + jd * 8);
-        ldmatrix_x2_trans(q_frag, q_smem + (kk * 16 + (lane & 15)) * kStride + jd * 8);
+        ldmatrix_x2_trans(do_frag, do_smem + (kk * 16 + (lane & 15)) * kStride + slice_base + jd * 8);
+        ldmatrix_x2_trans(q_frag, q_smem + (kk * 16 + (lane & 15)) * kStride + slice_base + jd * 8);
         Ops::mma(dv[jd], p_frag, do_frag);
         Ops::mma(dk[jd], ds_frag, q_frag);
       }
@@ -227,9 +238,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     // The dS fragments (16 registers) are loaded once; each n8 tile of dims then needs only 4 accumulators,
     // issued as atomics right away (keeping all tiles live would cost D/4 registers on top of dK and dV).
     {
-      constexpr int kTiles = D / 8 / 2;  // n8 tiles of dims per warp
+      constexpr int kTiles = kSlice / 8 / 2;  // n8 tiles of dims per warp
       const int query_tile = warp % 2;
-      const int first_tile = (warp / 2) * kTiles;
+      const int first_tile = slice_base / 8 + (warp / 2) * kTiles;
       uint32_t a_frag[kKeysPerCta / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kKeysPerCta / 16; ++kk) {
@@ -272,8 +283,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     if (gathered_key >= num_keys) continue;
     const int64_t key = key_row(index, gathered_key, p.num_keys);
 #pragma unroll
-    for (int jd = 0; jd < D / 8; ++jd) {
-      const int d = jd * 8 + 2 * quad;
+    for (int jd = 0; jd < kSlice / 8; ++jd) {
+      const int d = slice_base + jd * 8 + 2 * quad;
       if (d < p.head_dim_qk) {
         const int64_t offset = ((static_cast<int64_t>(b) * p.num_keys + key) * p.heads + h) * p.head_dim_qk + d;
         if (p.dk_float != nullptr) {  // rotated frame, float32: turned back by launch_rotate_back
@@ -298,11 +309,9 @@ void run_backward(const BackwardParams& p, cudaStream_t stream) {
                                 static_cast<size_t>(kQueriesPerStep) * kScoreStride * sizeof(T) +
                                 2 * kQueriesPerStep * sizeof(float);
   auto kernel = attention_backward_kernel<T, D>;
-  if (smem_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  }
+  allow_dynamic_shared_memory<attention_backward_kernel<T, D>>(smem_bytes);
   const int key_axis = p.kv_index == nullptr ? p.num_keys : p.num_gathered;
-  const dim3 grid(p.batch * p.heads, (key_axis + kKeysPerCta - 1) / kKeysPerCta);
+  const dim3 grid(p.batch * p.heads, (key_axis + kKeysPerCta - 1) / kKeysPerCta, D / dim_slice<D>());
   kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -318,6 +327,9 @@ bool dispatch_head_dim(const BackwardParams& p, int padded_head_dim, cudaStream_
       return true;
     case 128:
       run_backward<T, 128>(p, stream);
+      return true;
+    case 256:
+      run_backward<T, 256>(p, stream);
       return true;
     default:
       return false;

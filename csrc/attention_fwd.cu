@@ -42,11 +42,24 @@ namespace {
 using namespace detail;
 
 constexpr int kBlockM = 64;
-constexpr int kBlockN = 64;
+// Keys per tile: 64, or 32 for D = 256 (shared memory: (64 + 4 * kBlockN) * (D + 8) * 2 bytes must fit).
+template <int D>
+constexpr int key_tile() {
+  return D > 128 ? 32 : 64;
+}
+// Q as register fragments for the whole key loop up to D = 128; at D = 256 they would take 64 registers
+// next to the 128 of the accumulator, so they are re-read from shared memory (where Q stays) instead.
+template <int D>
+constexpr bool q_in_registers() {
+  return D <= 128;
+}
 constexpr int kThreads = 128;
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const AttentionParams p) {
   using Ops = Types<T>;
+  constexpr int kBlockN = key_tile<D>();
+  constexpr bool kQInRegisters = q_in_registers<D>();
+  constexpr int kQFragments = kQInRegisters ? D / 16 : 1;
   constexpr int kStride = D + 8;  // +16 bytes per row: rows stay 16-byte aligned, banks are staggered
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
@@ -100,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[jd][e] = 0.f;
   }
-  uint32_t q_frag[D / 16][4];
+  uint32_t q_frag[kQFragments][4];
   const int row0 = m0 + warp * 16 + group;
   const int row1 = row0 + 8;
 
@@ -125,13 +138,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
                                              p.rotary_interleaved);
         __syncthreads();
       }
+      if constexpr (kQInRegisters) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const T* q_row = q_smem + (warp * 16 + group) * kStride + kk * 16 + 2 * quad;
-        q_frag[kk][0] = *reinterpret_cast<const uint32_t*>(q_row);
-        q_frag[kk][1] = *reinterpret_cast<const uint32_t*>(q_row + 8 * kStride);
-        q_frag[kk][2] = *reinterpret_cast<const uint32_t*>(q_row + 8);
-        q_frag[kk][3] = *reinterpret_cast<const uint32_t*>(q_row + 8 * kStride + 8);
+        for (int kk = 0; kk < D / 16; ++kk) load_a_fragment(q_frag[kk], q_smem, warp * 16, kk * 16, kStride);
       }
     }
 
@@ -152,12 +161,17 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    }
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
+    for (int kk = 0; kk < D / 16; ++kk) {
+      if constexpr (!kQInRegisters) load_a_fragment(q_frag[0], q_smem, warp * 16, kk * 16, kStride);
+      const uint32_t(&a_frag)[4] = q_frag[kQInRegisters ? kk : 0];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
         const T* k_row = k_tile + (j * 8 + group) * kStride + kk * 16 + 2 * quad;
         const uint32_t k_frag[2] = {*reinterpret_cast<const uint32_t*>(k_row),
                                     *reinterpret_cast<const uint32_t*>(k_row + 8)};
-        Ops::mma(s[j], q_frag[kk], k_frag);
+        Ops::mma(s[j], a_frag, k_frag);
       }
     }
 
@@ -292,11 +306,9 @@ __global__ void combine_splits_kernel(const AttentionParams p) {
 
 template <typename T, int D>
 void run_forward(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem_bytes = static_cast<size_t>(kBlockM + 4 * kBlockN) * (D + 8) * sizeof(T);
+  constexpr size_t smem_bytes = static_cast<size_t>(kBlockM + 4 * key_tile<D>()) * (D + 8) * sizeof(T);
   auto kernel = attention_forward_kernel<T, D>;
-  if (smem_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  }
+  allow_dynamic_shared_memory<attention_forward_kernel<T, D>>(smem_bytes);
   const dim3 grid(p.batch * p.heads, (p.num_queries + kBlockM - 1) / kBlockM, p.num_splits);
   kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -317,6 +329,9 @@ bool dispatch_head_dim(const AttentionParams& p, int padded_head_dim, cudaStream
       return true;
     case 128:
       run_forward<T, 128>(p, stream);
+      return true;
+    case 256:
+      run_forward<T, 256>(p, stream);
       return true;
     default:
       return false;

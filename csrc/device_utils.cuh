@@ -8,6 +8,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
 
@@ -130,6 +133,32 @@ __device__ __forceinline__ void rotate_tile(T* tile, const float* cos, int64_t s
     row[a] = Types<T>::from_float(x * cs - y * sn);
     row[b] = Types<T>::from_float(y * cs + x * sn);
   }
+}
+
+// The A fragment (16 x 16, row-major) at rows first_row.., columns first_col.. of a shared-memory tile.
+template <typename T>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&frag)[4], const T* tile, int first_row, int first_col,
+                                                int stride) {
+  const int lane = threadIdx.x % 32;
+  const T* at = tile + (first_row + lane / 4) * stride + first_col + 2 * (lane % 4);
+  frag[0] = *reinterpret_cast<const uint32_t*>(at);
+  frag[1] = *reinterpret_cast<const uint32_t*>(at + 8 * stride);
+  frag[2] = *reinterpret_cast<const uint32_t*>(at + 8);
+  frag[3] = *reinterpret_cast<const uint32_t*>(at + 8 * stride + 8);
+}
+
+// Opts `Kernel` into more than 48 KB of dynamic shared memory, once per kernel and device (the attribute
+// persists; setting it on every launch would only add host time). A template on the kernel itself, so each
+// kernel has its own flags (kernels of one signature share a function type).
+template <auto Kernel>
+void allow_dynamic_shared_memory(size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static bool done[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 64 && done[device]) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (device < 64) done[device] = true;
 }
 
 // L_b: the keys sample b may see (kv_lengths[b] clamped to [0, Nk], or Nk).

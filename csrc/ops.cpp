@@ -44,7 +44,7 @@ void check_layout(const at::Tensor& t, const char* name) {
 
 int padded_head_dim(int64_t head_dim_qk, int64_t head_dim_v) {
   const int64_t widest = std::max(head_dim_qk, head_dim_v);
-  return widest <= 32 ? 32 : (widest <= 64 ? 64 : 128);
+  return widest <= 32 ? 32 : (widest <= 64 ? 64 : (widest <= 128 ? 128 : 256));
 }
 
 // The checks both ops share: shapes, devices, dtypes, head dims, layouts, masks. Returns kv_lengths as an
@@ -68,8 +68,8 @@ at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
               ") to match k ", shape_of(k), ", got ", shape_of(q));
   TORCH_CHECK(v.size(0) == batch && v.size(1) == num_keys && v.size(2) == heads, kOp, "v must be (", batch, ", ",
               num_keys, ", ", heads, ", Dv) to match k, got ", shape_of(v));
-  TORCH_CHECK(head_dim_qk % 8 == 0 && head_dim_v % 8 == 0 && head_dim_qk <= 128 && head_dim_v <= 128, kOp,
-              "head dims must be multiples of 8 up to 128 on the CUDA backend, got Dqk=", head_dim_qk,
+  TORCH_CHECK(head_dim_qk % 8 == 0 && head_dim_v % 8 == 0 && head_dim_qk <= 256 && head_dim_v <= 256, kOp,
+              "head dims must be multiples of 8 up to 256 on the CUDA backend, got Dqk=", head_dim_qk,
               ", Dv=", head_dim_v);
   // The kernels keep the running max of unscaled scores: a non-positive (or float-underflowing) scale
   // would turn -inf masks into NaN. Python routes such calls to Triton (cuda_attention.unsupported_reason).

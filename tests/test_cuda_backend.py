@@ -143,6 +143,9 @@ GPU_CASES = {
     "head-dims-96-128": AttentionCase(nq=33, nk=129, dqk=96, dv=128, causal=True, pad_fraction=0.2),
     "qk-32-v-128": AttentionCase(nq=65, nk=200, dqk=32, dv=128),
     "head-dim-8": AttentionCase(nq=9, nk=70, dqk=8, dv=8),
+    "mlm-32-160": AttentionCase(nq=33, nk=129, dqk=32, dv=160),
+    "head-dim-256": AttentionCase(nq=17, nk=100, heads=1, dqk=256, dv=256, causal=True, pad_fraction=0.2),
+    "qk-256-v-64": AttentionCase(nq=65, nk=70, heads=2, dqk=256, dv=64, kv_lengths=(70, 33)),
     # Perceiver AR: rotary on load (both layouts, partial and full), per-sample positions, decoding.
     "rotary-partial": AttentionCase(batch=3, nq=17, nk=80, heads=2, dqk=32, dv=32, causal=True, rotary_dim=16),
     "rotary-full-neox": AttentionCase(
@@ -219,9 +222,9 @@ def test_compiles_without_graph_breaks(device):
     "overrides, words",
     [
         (dict(dtype=torch.float32), "float16 and bfloat16"),
-        (dict(dqk=100), "multiples of 8 up to 128"),
-        (dict(dv=160), "multiples of 8 up to 128"),
-        (dict(dqk=36), "multiples of 8 up to 128"),
+        (dict(dqk=100), "multiples of 8 up to 256"),
+        (dict(dv=264), "multiples of 8 up to 256"),
+        (dict(dqk=36), "multiples of 8 up to 256"),
     ],
 )
 def test_unsupported_inputs_are_refused_with_the_reason(overrides, words, device):
