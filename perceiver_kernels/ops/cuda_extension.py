@@ -22,6 +22,7 @@ Environment:
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib
 import logging
 import os
@@ -32,7 +33,8 @@ from pathlib import Path
 SOURCES_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("ops.cpp", "attention_fwd.cu", "attention_bwd.cu")
 DEFAULT_ARCHS = "8.0;9.0a"
-EXTENSION_NAME = "perceiver_kernels_cuda"
+# One build directory per source checkout: two checkouts sharing a name would rebuild over each other.
+EXTENSION_NAME = "perceiver_kernels_cuda_" + hashlib.sha1(str(SOURCES_DIR).encode()).hexdigest()[:8]
 
 _reason: str | None = None
 _loaded = False
