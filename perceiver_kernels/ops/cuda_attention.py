@@ -63,11 +63,11 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, scale: float | None = No
     dqk, dv = q.shape[-1], v.shape[-1]
     if dqk % 8 or dv % 8 or dqk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         return f"the CUDA kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {dqk} and {dv}"
+    if torch.compiler.is_compiling():  # no data pointers or device queries while tracing; the op checks itself
+        return None
     if max(dqk, dv) > 128 and _shared_memory_per_block(q.device) < WIDE_HEAD_SHARED_MEMORY:
         return (f"head dims above 128 need {WIDE_HEAD_SHARED_MEMORY // 1024} KiB of shared memory per block "
                 "(A100, H100), more than this GPU has")  # fmt: skip
-    if torch.compiler.is_compiling():  # no data pointers while tracing; the op checks the layout itself
-        return None
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.numel() and (t.data_ptr() % 16 or any(t.stride(d) % 8 for d in range(3) if t.shape[d] > 1)):
             return f"{name} is not laid out in 16-byte rows (strides {t.stride()}), which the CUDA kernels copy"
