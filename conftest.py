@@ -22,7 +22,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton kernels, bfloat16 dots); none on this machine")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton or CUDA C++ kernels); none on this machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
