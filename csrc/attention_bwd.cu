@@ -234,7 +234,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
     }
     __syncthreads();
 
-    // dQ (kM queries x D) += dS (kM x 64 keys) K: warp w takes query rows (w % 2) * 16 and half the dims.
+    // dQ (kM queries x D) += dS (kM x 64 keys) K: warp w takes query rows (w % 2) * 16 and half of this
+    // CTA's slice of the dims.
     // The dS fragments (16 registers) are loaded once; each n8 tile of dims then needs only 4 accumulators,
     // issued as atomics right away (keeping all tiles live would cost D/4 registers on top of dK and dV).
     {
@@ -281,6 +282,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   for (int r = 0; r < 2; ++r) {
     const int gathered_key = r == 0 ? key0 : key1;
     if (gathered_key >= num_keys) continue;
+    // Gathered keys past L_b have zero gradients, which the host's zeroed outputs already hold; writing
+    // them could overwrite a real row if the index repeats one (uniqueness is checked only in eager mode).
+    if (index != nullptr && gathered_key >= length) continue;
     const int64_t key = key_row(index, gathered_key, p.num_keys);
 #pragma unroll
     for (int jd = 0; jd < kSlice / 8; ++jd) {
@@ -369,6 +373,8 @@ void launch_rotate_back(const float* grad, void* out, const float* rope, int rop
                         int heads, int head_dim, int rotary_dim, bool interleaved, DType dtype, cudaStream_t stream) {
   const int64_t rows = batch * n * heads;
   if (rows == 0) return;
+  TORCH_CHECK(rows <= 0x7fffffff, "perceiver_kernels::cuda_attention: B * N * H = ", rows,
+              " exceeds the rotate-back grid");
   const int threads = head_dim >= 128 ? 128 : 64;
   if (dtype == DType::kFloat16) {
     rotate_back_kernel<__half><<<static_cast<unsigned>(rows), threads, 0, stream>>>(

@@ -1,8 +1,9 @@
 // Perceiver attention forward for sm_80 and newer: FlashAttention-2-style tiling on tensor cores.
 //
 // One CTA = 4 warps = 64 query rows of one (batch, head); each warp owns 16 rows and walks the key axis in
-// tiles of 64 keys. Q is loaded once into registers as mma.sync A fragments; K and V tiles are copied
-// into shared memory with cp.async, double-buffered (tile j+1 is in flight while tile j is computed).
+// tiles of 64 keys (32 at D = 256). Q is loaded once, as mma.sync A fragments held in registers (re-read
+// from shared memory at D = 256); K and V tiles are copied into shared memory with cp.async,
+// double-buffered (tile j+1 is in flight while tile j is computed).
 // S = Q K^T and O += P V run on mma.sync.m16n8k16 (16-bit in, float32 accumulate). The online softmax
 // stays in registers: the S accumulator fragment of two n8 tiles is exactly the A fragment of one k16
 // step of P V, so P never touches shared memory. V fragments come from ldmatrix.trans.
@@ -20,7 +21,7 @@
 // Split-KV: with num_splits > 1, blockIdx.z takes a contiguous range of key tiles and writes a
 // normalised float32 partial output and its lse; a combine kernel merges them by their lse weights.
 //
-// Head dims: q/k and v are zero-padded (by cp.async's zero fill) to one compile-time D in {32, 64, 128};
+// Head dims: q/k and v are zero-padded (by cp.async's zero fill) to one compile-time D in {32, 64, 128, 256};
 // real dims must be multiples of 8 (16-byte rows). Zero-filled rows and columns make out-of-range
 // reads harmless (0, never garbage that 0 * inf could turn into NaN).
 
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       __syncthreads();
     }
 
-    // S = Q K^T for this warp's 16 rows x 64 keys: s[j] is the n8 tile of keys j*8..j*8+7.
+    // S = Q K^T for this warp's 16 rows x kBlockN keys: s[j] is the n8 tile of keys j*8..j*8+7.
     const T* k_tile = k_smem + buffer * kBlockN * kStride;
     float s[kBlockN / 8][4];
 #pragma unroll

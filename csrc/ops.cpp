@@ -102,7 +102,8 @@ at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
 }
 
 // kv_index (B, Nk') int64 on q's device, with unit stride along the gathered axis; undefined without it.
-// (Range and order are the Python side's check: the kernels clamp, so a bad index cannot read out of bounds.)
+// (Range, order and uniqueness are the Python side's checks, in eager mode: the kernels clamp, so a bad index
+// cannot read out of bounds, but duplicate rows would race in the backward's dK/dV scatter.)
 at::Tensor check_kv_index(const std::optional<at::Tensor>& kv_index, const at::Tensor& k) {
   if (!kv_index.has_value()) return {};
   const at::Tensor& t = *kv_index;
@@ -110,6 +111,7 @@ at::Tensor check_kv_index(const std::optional<at::Tensor>& kv_index, const at::T
               "kv_index must be int64 (", k.size(0), ", Nk'), got ", t.scalar_type(), " ", shape_of(t));
   TORCH_CHECK(t.device() == k.device(), kOp, "kv_index must be on ", k.device());
   TORCH_CHECK(t.size(1) <= 65535 * 64, kOp, "kv_index gathers at most 65535 * 64 keys, got ", t.size(1));
+  TORCH_CHECK(k.size(1) > 0 || t.size(1) == 0, kOp, "kv_index gathers ", t.size(1), " rows from an empty k");
   return t.stride(1) == 1 ? t : t.contiguous();
 }
 
@@ -274,7 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
                             : at::empty({batch, num_keys, heads, head_dim_qk}, q.options());
   auto dv = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_v}, q.options())
                             : at::empty({batch, num_keys, heads, head_dim_v}, q.options());
+  const int64_t key_axis = index.defined() ? index.size(1) : num_keys;
   if (batch == 0 || heads == 0 || num_keys == 0) return {dq_accum.to(q.scalar_type()), dk, dv};
+  if (key_axis == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};  // nothing gathered
   if (num_queries == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};
 
   // delta = rowsum(dO * O) - dlse, per (b, h, query): the softmax backward's row term (one fused pass

@@ -203,6 +203,17 @@ def test_public_api_runs_the_cuda_kernels(device):
 
 
 @pytest.mark.gpu
+def test_empty_gather(device):
+    """kv_index of width 0: no key is seen; zeros out, -inf lse, zero gradients (no empty grid launched)."""
+    q, k, v = (torch.randn(2, 8, 2, 32, device=device, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    kv_index = torch.empty(2, 0, dtype=torch.int64, device=device)
+    out, lse = pk.attention(q, k, v, kv_index=kv_index, return_lse=True, backend="cuda")
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.gpu
 def test_compiles_without_graph_breaks(device):
     q, k, v = (torch.randn(2, 70, 4, 64, device=device, dtype=torch.float16, requires_grad=True) for _ in range(3))
 

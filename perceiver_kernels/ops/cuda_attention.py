@@ -28,7 +28,7 @@ from .triton_attention import rotary_inputs
 OP = "perceiver_kernels::cuda_attention_fwd"
 BACKWARD_OP = "perceiver_kernels::cuda_attention_bwd"
 MAX_HEAD_DIM = 256
-WIDE_HEAD_SHARED_MEMORY = 106 * 1024  # the D = 256 backward's tiles (csrc/attention_bwd.cu)
+WIDE_HEAD_SHARED_MEMORY = 106_240  # bytes: the D = 256 backward's tiles (csrc/attention_bwd.cu)
 BLOCK_M = BLOCK_N = 64  # the kernel's tile (csrc/attention_fwd.cu)
 
 _registered = False
@@ -66,7 +66,7 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, scale: float | None = No
     if torch.compiler.is_compiling():  # no data pointers or device queries while tracing; the op checks itself
         return None
     if max(dqk, dv) > 128 and _shared_memory_per_block(q.device) < WIDE_HEAD_SHARED_MEMORY:
-        return (f"head dims above 128 need {WIDE_HEAD_SHARED_MEMORY // 1024} KiB of shared memory per block "
+        return (f"head dims above 128 need {WIDE_HEAD_SHARED_MEMORY} bytes of shared memory per block "
                 "(A100, H100), more than this GPU has")  # fmt: skip
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.numel() and (t.data_ptr() % 16 or any(t.stride(d) % 8 for d in range(3) if t.shape[d] > 1)):
