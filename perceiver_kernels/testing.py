@@ -166,6 +166,13 @@ def make_inputs(case: AttentionCase, dtype: torch.dtype, device: torch.device | 
     return inputs
 
 
+def attention_options(inputs: dict) -> dict:
+    """The keyword arguments of ``pk.attention`` among :func:`make_inputs`' entries (masks, rotary, kv_index)."""
+    names = ("causal", "key_padding_mask", "kv_lengths", "rotary_dim", "rotary_interleaved", "q_positions",
+             "k_positions", "kv_index")  # fmt: skip
+    return {name: inputs[name] for name in names if name in inputs}
+
+
 def check_case(case: AttentionCase, dtype: torch.dtype, device, attention_fn) -> dict[str, Comparison]:
     """Run ``attention_fn(q, k, v, causal=..., key_padding_mask=..., kv_lengths=..., [rotary and
     kv_index keywords when the case uses them]) -> (out, lse)``
@@ -175,9 +182,7 @@ def check_case(case: AttentionCase, dtype: torch.dtype, device, attention_fn) ->
 
     inputs = make_inputs(case, dtype, device)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    options = ("causal", "key_padding_mask", "kv_lengths", "rotary_dim", "rotary_interleaved", "q_positions",
-               "k_positions", "kv_index")  # fmt: skip
-    masks = {n: inputs[n] for n in options if n in inputs}
+    masks = attention_options(inputs)
 
     def run(fn, q, k, v):
         out, lse = fn(q, k, v, **masks)
@@ -205,3 +210,65 @@ def check_case(case: AttentionCase, dtype: torch.dtype, device, attention_fn) ->
     return {
         name: compare(results[name], reference[name], naive[name] if naive else None, dtype=dtype) for name in results
     }
+
+
+# The correctness matrix every backend is checked against (tests/test_attention.py for Triton,
+# tests/test_cuda_backend.py for the CUDA kernels): features, awkward head dims, Perceiver AR.
+FEATURE_CASES = {
+    "broadcast-query": AttentionCase(batch=3, q_batch=1, nq=33, nk=129, heads=2),
+    "broadcast-query-causal": AttentionCase(batch=3, q_batch=1, nq=20, nk=70, causal=True),
+    "single-head": AttentionCase(batch=1, nq=5, nk=300, heads=1, dqk=32, dv=32),
+    "padding": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3),
+    "padding-all-padded-sample": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3, all_padded_sample=True),
+    "padding-causal": AttentionCase(batch=3, nq=33, nk=129, causal=True, pad_fraction=0.3),
+    "kv-lengths": AttentionCase(batch=4, nq=5, nk=129, kv_lengths=(0, 129, 64, 1)),
+    "kv-lengths-causal": AttentionCase(batch=4, nq=33, nk=129, causal=True, kv_lengths=(0, 129, 40, 17)),
+    "kv-lengths-and-padding": AttentionCase(batch=3, nq=17, nk=100, pad_fraction=0.2, kv_lengths=(100, 50, 3)),
+    "causal-equal-lengths": AttentionCase(batch=2, nq=100, nk=100, causal=True),
+    "permuted": AttentionCase(batch=2, nq=33, nk=129, heads=3, permuted=True),
+    "permuted-broadcast": AttentionCase(batch=2, q_batch=1, nq=33, nk=129, heads=3, permuted=True, causal=True),
+    "head-dim-1": AttentionCase(nq=5, nk=17, dqk=1, dv=1),
+    "head-dims-odd": AttentionCase(nq=33, nk=129, dqk=7, dv=13),
+    "mlm-32-160": AttentionCase(nq=33, nk=129, dqk=32, dv=160),
+    "head-dims-96-128": AttentionCase(nq=33, nk=129, dqk=96, dv=128, causal=True, pad_fraction=0.2),
+    "head-dim-256": AttentionCase(nq=17, nk=40, heads=1, dqk=256, dv=256),
+    "imagenet-261": AttentionCase(batch=2, nq=17, nk=100, heads=1, dqk=261, dv=261, pad_fraction=0.2),
+    "wide-qk-narrow-v": AttentionCase(nq=17, nk=40, heads=1, dqk=300, dv=40, causal=True),
+    "narrow-qk-wide-v": AttentionCase(nq=17, nk=40, heads=1, dqk=32, dv=322),
+    "head-dim-1024": AttentionCase(batch=1, nq=5, nk=33, heads=1, dqk=1024, dv=1024, kv_lengths=(20,)),
+}
+
+
+# Perceiver AR: latents (the last Nq positions) over the whole sequence, rotary on part of each head,
+# left padding, prefix dropout as a kv_index gather, decoding against a cache with kv_lengths.
+_AR = dict(batch=3, nq=17, nk=80, heads=2, dqk=32, dv=32, causal=True)
+AR_CASES = {
+    "rotary-partial": AttentionCase(**_AR, rotary_dim=16),
+    "rotary-full": AttentionCase(**_AR, rotary_dim=32),
+    "rotary-neox": AttentionCase(**_AR, rotary_dim=16, rotary_interleaved=False),
+    "rotary-neox-full": AttentionCase(**_AR, rotary_dim=32, rotary_interleaved=False),
+    "rotary-left-pad": AttentionCase(**_AR, rotary_dim=16, positions="left-pad"),
+    "rotary-random-positions": AttentionCase(**_AR, rotary_dim=8, positions="random", pad_fraction=0.2),
+    "rotary-self-attention": AttentionCase(batch=2, nq=40, nk=40, causal=True, rotary_dim=16, positions="left-pad"),
+    "rotary-cross-not-causal": AttentionCase(batch=2, nq=9, nk=60, rotary_dim=12, rotary_interleaved=False),
+    "rotary-broadcast-query": AttentionCase(batch=3, q_batch=1, nq=9, nk=60, rotary_dim=8, positions="random"),
+    "prefix-dropout": AttentionCase(**_AR, prefix_dropout=True),
+    "prefix-dropout-rotary-left-pad": AttentionCase(**_AR, rotary_dim=16, positions="left-pad", prefix_dropout=True),
+    "prefix-dropout-padding": AttentionCase(**_AR, prefix_dropout=True, pad_fraction=0.3, rotary_dim=16),
+    "prefix-dropout-kv-lengths": AttentionCase(**_AR, prefix_dropout=True, kv_lengths=(49, 30, 17), rotary_dim=8),
+    "decode-rotary": AttentionCase(batch=4, nq=1, nk=150, causal=True, kv_lengths=(150, 1, 77, 0), rotary_dim=16),
+    "decode-16-rotary": AttentionCase(batch=2, nq=16, nk=90, causal=True, kv_lengths=(90, 40), rotary_dim=16),
+    "rotary-wide-head": AttentionCase(
+        batch=2,
+        nq=9,
+        nk=40,
+        heads=1,
+        dqk=300,
+        dv=40,
+        causal=True,
+        rotary_dim=200,
+        rotary_interleaved=False,
+        prefix_dropout=True,
+    ),  # fmt: skip
+    "rotary-head-dim-96": AttentionCase(batch=2, nq=17, nk=60, dqk=96, dv=64, causal=True, rotary_dim=96),
+}

@@ -9,7 +9,7 @@ rotary on load, the kv_index gather and scatter. Forward and backward."""
 import torch
 
 from perceiver_kernels.ops import cuda_attention
-from perceiver_kernels.testing import AttentionCase, make_inputs
+from perceiver_kernels.testing import AttentionCase, attention_options, make_inputs
 
 CASES = [  # (case, forced key splits)
     (AttentionCase(batch=2, nq=33, nk=129, heads=2, dqk=24, dv=40), 1),
@@ -21,8 +21,6 @@ CASES = [  # (case, forced key splits)
     (AttentionCase(batch=3, nq=17, nk=80, causal=True, rotary_dim=16, positions="left-pad"), 1),
     (AttentionCase(batch=3, nq=17, nk=150, causal=True, rotary_dim=16, prefix_dropout=True, pad_fraction=0.2), 2),
 ]
-OPTIONS = ("causal", "key_padding_mask", "kv_lengths", "rotary_dim", "rotary_interleaved", "q_positions",
-           "k_positions", "kv_index")  # fmt: skip
 
 
 def main() -> None:
@@ -33,7 +31,7 @@ def main() -> None:
         for dtype in (torch.float16, torch.bfloat16):
             inputs = make_inputs(case, dtype, "cuda")
             q, k, v = inputs["q"], inputs["k"], inputs["v"]
-            options = {name: inputs[name] for name in OPTIONS if name in inputs}
+            options = attention_options(inputs)
             out, lse = cuda_attention.cuda_attention(q, k, v, scale=case.dqk**-0.5, num_splits=splits, **options)
             loss = (out * inputs["grad_out"]).sum() + (torch.where(torch.isfinite(lse), lse, 0.0)).sum()
             loss.backward()

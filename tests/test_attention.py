@@ -8,7 +8,7 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels.ops import triton_attention
-from perceiver_kernels.testing import AttentionCase, check_case, make_inputs
+from perceiver_kernels.testing import AR_CASES, FEATURE_CASES, AttentionCase, check_case, make_inputs
 
 # float32 and float16 run everywhere; the interpreter cannot do bfloat16 dots, so bfloat16 is GPU-only.
 DTYPES = [
@@ -40,70 +40,10 @@ def test_lengths_sweep(nq, nk, causal, dtype, device):
     assert_case(case, dtype, device)
 
 
-FEATURE_CASES = {
-    "broadcast-query": AttentionCase(batch=3, q_batch=1, nq=33, nk=129, heads=2),
-    "broadcast-query-causal": AttentionCase(batch=3, q_batch=1, nq=20, nk=70, causal=True),
-    "single-head": AttentionCase(batch=1, nq=5, nk=300, heads=1, dqk=32, dv=32),
-    "padding": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3),
-    "padding-all-padded-sample": AttentionCase(batch=3, nq=33, nk=129, pad_fraction=0.3, all_padded_sample=True),
-    "padding-causal": AttentionCase(batch=3, nq=33, nk=129, causal=True, pad_fraction=0.3),
-    "kv-lengths": AttentionCase(batch=4, nq=5, nk=129, kv_lengths=(0, 129, 64, 1)),
-    "kv-lengths-causal": AttentionCase(batch=4, nq=33, nk=129, causal=True, kv_lengths=(0, 129, 40, 17)),
-    "kv-lengths-and-padding": AttentionCase(batch=3, nq=17, nk=100, pad_fraction=0.2, kv_lengths=(100, 50, 3)),
-    "causal-equal-lengths": AttentionCase(batch=2, nq=100, nk=100, causal=True),
-    "permuted": AttentionCase(batch=2, nq=33, nk=129, heads=3, permuted=True),
-    "permuted-broadcast": AttentionCase(batch=2, q_batch=1, nq=33, nk=129, heads=3, permuted=True, causal=True),
-    "head-dim-1": AttentionCase(nq=5, nk=17, dqk=1, dv=1),
-    "head-dims-odd": AttentionCase(nq=33, nk=129, dqk=7, dv=13),
-    "mlm-32-160": AttentionCase(nq=33, nk=129, dqk=32, dv=160),
-    "head-dims-96-128": AttentionCase(nq=33, nk=129, dqk=96, dv=128, causal=True, pad_fraction=0.2),
-    "head-dim-256": AttentionCase(nq=17, nk=40, heads=1, dqk=256, dv=256),
-    "imagenet-261": AttentionCase(batch=2, nq=17, nk=100, heads=1, dqk=261, dv=261, pad_fraction=0.2),
-    "wide-qk-narrow-v": AttentionCase(nq=17, nk=40, heads=1, dqk=300, dv=40, causal=True),
-    "narrow-qk-wide-v": AttentionCase(nq=17, nk=40, heads=1, dqk=32, dv=322),
-    "head-dim-1024": AttentionCase(batch=1, nq=5, nk=33, heads=1, dqk=1024, dv=1024, kv_lengths=(20,)),
-}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(FEATURE_CASES))
 def test_features(name, dtype, device):
     assert_case(FEATURE_CASES[name], dtype, device)
-
-
-# Perceiver AR: latents (the last Nq positions) over the whole sequence, rotary on part of each head,
-# left padding, prefix dropout as a kv_index gather, decoding against a cache with kv_lengths.
-AR = dict(batch=3, nq=17, nk=80, heads=2, dqk=32, dv=32, causal=True)
-AR_CASES = {
-    "rotary-partial": AttentionCase(**AR, rotary_dim=16),
-    "rotary-full": AttentionCase(**AR, rotary_dim=32),
-    "rotary-neox": AttentionCase(**AR, rotary_dim=16, rotary_interleaved=False),
-    "rotary-neox-full": AttentionCase(**AR, rotary_dim=32, rotary_interleaved=False),
-    "rotary-left-pad": AttentionCase(**AR, rotary_dim=16, positions="left-pad"),
-    "rotary-random-positions": AttentionCase(**AR, rotary_dim=8, positions="random", pad_fraction=0.2),
-    "rotary-self-attention": AttentionCase(batch=2, nq=40, nk=40, causal=True, rotary_dim=16, positions="left-pad"),
-    "rotary-cross-not-causal": AttentionCase(batch=2, nq=9, nk=60, rotary_dim=12, rotary_interleaved=False),
-    "rotary-broadcast-query": AttentionCase(batch=3, q_batch=1, nq=9, nk=60, rotary_dim=8, positions="random"),
-    "prefix-dropout": AttentionCase(**AR, prefix_dropout=True),
-    "prefix-dropout-rotary-left-pad": AttentionCase(**AR, rotary_dim=16, positions="left-pad", prefix_dropout=True),
-    "prefix-dropout-padding": AttentionCase(**AR, prefix_dropout=True, pad_fraction=0.3, rotary_dim=16),
-    "prefix-dropout-kv-lengths": AttentionCase(**AR, prefix_dropout=True, kv_lengths=(49, 30, 17), rotary_dim=8),
-    "decode-rotary": AttentionCase(batch=4, nq=1, nk=150, causal=True, kv_lengths=(150, 1, 77, 0), rotary_dim=16),
-    "decode-16-rotary": AttentionCase(batch=2, nq=16, nk=90, causal=True, kv_lengths=(90, 40), rotary_dim=16),
-    "rotary-wide-head": AttentionCase(
-        batch=2,
-        nq=9,
-        nk=40,
-        heads=1,
-        dqk=300,
-        dv=40,
-        causal=True,
-        rotary_dim=200,
-        rotary_interleaved=False,
-        prefix_dropout=True,
-    ),  # fmt: skip
-    "rotary-head-dim-96": AttentionCase(batch=2, nq=17, nk=60, dqk=96, dv=64, causal=True, rotary_dim=96),
-}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
