@@ -157,8 +157,8 @@ def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | N
         if q is not None and q.device.type != "cuda":
             return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor (the extension is loaded)"
         return None
-    if backend != "triton":
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if check_backend(backend) != "triton":
+        raise ValueError(f"backend={backend!r} has no availability check")  # "auto" names no one backend
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if q is None:
@@ -180,10 +180,16 @@ def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | N
     return None
 
 
-def resolve_backend(backend: str, q: Tensor) -> str:
-    """The concrete backend that runs for ``backend`` on inputs like ``q``; raises if it cannot."""
+def check_backend(backend: str) -> str:
+    """``backend`` if it names one (:data:`BACKENDS`), else a ValueError naming the argument."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """The concrete backend that runs for ``backend`` on inputs like ``q``; raises if it cannot."""
+    check_backend(backend)
     if backend == "auto":
         return "triton" if backend_unavailable_reason("triton", q) is None else "reference"
     reason = backend_unavailable_reason(backend, q)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import BACKENDS, SUPPORTED_DTYPES, attention, backend_unavailable_reason
+from .functional import SUPPORTED_DTYPES, attention, backend_unavailable_reason, check_backend
 from .rotary import inverse_frequencies
 
 __all__ = ["LeftModule", "PatchReport", "PatchedModule", "patch", "patch_status", "unpatch"]
@@ -661,9 +661,7 @@ def _check_model(model: Any) -> None:
 
 
 def _check_backend(backend: Any) -> None:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto" and (reason := backend_unavailable_reason(backend)) is not None:
+    if check_backend(backend) != "auto" and (reason := backend_unavailable_reason(backend)) is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
 
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..functional import check_backend
 from .adapters import RotarySupport, TiedTokenOutputAdapter, TokenInputAdapter
-from .attention import RotaryPositions, check_backend
+from .attention import RotaryPositions
 from .layers import CrossAttentionLayer, SelfAttentionBlock, init_parameters, maybe_checkpoint
 
 

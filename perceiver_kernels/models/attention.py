@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional import BACKENDS, attention
+from ..functional import attention, check_backend
 from ..reference import attention_reference
 
 
@@ -32,12 +32,6 @@ class RotaryPositions:
     dim: int
     q: Tensor
     k: Tensor
-
-
-def check_backend(backend: str) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 def _heads(channels: int, num_heads: int, name: str) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..functional import check_backend
 from .adapters import InputAdapter, OutputAdapter, QueryProvider, TrainableQueryProvider
-from .attention import check_backend
 from .layers import CrossAttentionLayer, SelfAttentionBlock, init_parameters, maybe_checkpoint
 from .shared import run_shared_chain
 
