@@ -2,6 +2,7 @@
 // v (B, Nk, H, Dv), out (B, Nq, H, Dv), lse (B, H, Nq) float32. Strides are in elements.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -63,12 +64,26 @@ struct BackwardParams : CommonParams {
   int64_t dq_batch_stride, dq_row_stride, dq_head_stride;  // dq_batch_stride 0 with a broadcast query
 };
 
-enum class DType { kFloat16, kBFloat16 };
+enum class DType { kFloat16, kBFloat16, kFloat32 };
 
-// Runs the forward (and, with num_splits > 1, the combine) on `stream`. Returns false when no kernel
-// is compiled for this head-dim group (the host code checks before, so this is a bug guard).
+// The tensor-core kernels (attention_fwd.cu, attention_bwd.cu): float16/bfloat16, head dims that are
+// multiples of 8 (padded to padded_head_dim in {32, 64, 128, 256}), 16-byte rows. They run the forward
+// (and, with num_splits > 1, the combine) on `stream`, and return false when no kernel is compiled for
+// this dtype and head-dim group (the host code checks before, so this is a bug guard).
 bool launch_attention_forward(const AttentionParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
 bool launch_attention_backward(const BackwardParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
+// Shared memory per CTA of the tensor-core kernels at head dims above 128 (the backward's K, V, Q, dO and dS
+// tiles at D = 256); GPUs that cannot opt into this much run those dims on the SIMT kernels.
+constexpr size_t kTensorCoreWideHeadSharedMemory = 106240;
+
+// The SIMT kernels (attention_simt.cu): float32, float16 and bfloat16, any head dims up to 256, any row
+// layout with a unit last-dim stride, no grid limit but int32 CTA counts. Same contract as above.
+bool launch_attention_forward_simt(const AttentionParams& params, DType dtype, int max_head_dim, cudaStream_t stream);
+bool launch_attention_backward_simt(const BackwardParams& params, DType dtype, int max_head_dim, cudaStream_t stream);
+
+// Merges split-KV partials (params.out_partial, params.lse_partial) into params.out and params.lse.
+void launch_combine_splits(const AttentionParams& params, DType dtype, cudaStream_t stream);
+
 // out (Bg, N, H, D) = the inverse rotation of grad (float32, same shape, contiguous) by rope (2, Bt, N, R/2),
 // cast to dtype; channels >= rotary_dim are copied. Turns gradients computed in the rotated frame back.
 void launch_rotate_back(const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,

@@ -45,7 +45,7 @@ constexpr int kScoreStride = kKeysPerCta + 8;  // dS in shared memory: [query][k
 
 // Head dims per CTA for the dK/dV/dQ accumulators: all of D up to 128, else slices of 128 (grid z).
 template <int D>
-constexpr int dim_slice() {
+__host__ __device__ constexpr int dim_slice() {
   return D > 128 ? 128 : D;
 }
 
@@ -71,9 +71,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   const int lane = threadIdx.x % 32;
   const int group = lane / 4;
   const int quad = lane % 4;
-  const int64_t* index = p.kv_index == nullptr ? nullptr : p.kv_index + b * p.kv_index_batch_stride;
-  const int num_keys = index == nullptr ? p.num_keys : p.num_gathered;  // the (gathered) key axis
-  const int length = valid_length(p.kv_lengths, b, num_keys);
+  const KeyAxis axis = key_axis(p, b);  // the (gathered) key axis
+  const int64_t* index = axis.index;
+  const int num_keys = axis.size;
+  const int length = axis.length;
   const float scale_log2 = p.scale * kLog2e;
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -113,12 +114,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   // apart from the causal mask.
   const int key0 = n0 + warp * 16 + group;
   const int key1 = key0 + 8;
-  bool key_ok[2] = {key0 < length, key1 < length};
-  if (p.key_padding_mask != nullptr) {
-    const bool* mask = p.key_padding_mask + b * p.mask_batch_stride;
-    if (key_ok[0]) key_ok[0] = !mask[key_row(index, key0, p.num_keys) * p.mask_row_stride];
-    if (key_ok[1]) key_ok[1] = !mask[key_row(index, key1, p.num_keys) * p.mask_row_stride];
-  }
+  const bool key_ok[2] = {key_visible(p, axis, b, key0), key_visible(p, axis, b, key1)};
 
   bool k_rotated = false;
   for (int m0 = (first_query / kM) * kM; any_work && m0 < p.num_queries; m0 += kM) {
@@ -379,6 +375,9 @@ void launch_rotate_back(const float* grad, void* out, const float* rope, int rop
   if (dtype == DType::kFloat16) {
     rotate_back_kernel<__half><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         grad, static_cast<__half*>(out), rope, rope_batch, n, heads, head_dim, rotary_dim, interleaved);
+  } else if (dtype == DType::kFloat32) {
+    rotate_back_kernel<float><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        grad, static_cast<float*>(out), rope, rope_batch, n, heads, head_dim, rotary_dim, interleaved);
   } else {
     rotate_back_kernel<__nv_bfloat16><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         grad, static_cast<__nv_bfloat16*>(out), rope, rope_batch, n, heads, head_dim, rotary_dim, interleaved);
@@ -387,6 +386,7 @@ void launch_rotate_back(const float* grad, void* out, const float* rope, int rop
 }
 
 bool launch_attention_backward(const BackwardParams& params, DType dtype, int padded_head_dim, cudaStream_t stream) {
+  if (dtype == DType::kFloat32) return false;  // the SIMT kernels' (attention_simt.cu)
   if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(params, padded_head_dim, stream);
   return dispatch_head_dim<__nv_bfloat16>(params, padded_head_dim, stream);
 }

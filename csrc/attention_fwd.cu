@@ -33,6 +33,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "attention.h"
 #include "device_utils.cuh"
@@ -45,13 +46,13 @@ using namespace detail;
 constexpr int kBlockM = 64;
 // Keys per tile: 64, or 32 for D = 256 (shared memory: (64 + 4 * kBlockN) * (D + 8) * 2 bytes must fit).
 template <int D>
-constexpr int key_tile() {
+__host__ __device__ constexpr int key_tile() {
   return D > 128 ? 32 : 64;
 }
 // Q as register fragments for the whole key loop up to D = 128; at D = 256 they would take 64 registers
 // next to the 128 of the accumulator, so they are re-read from shared memory (where Q stays) instead.
 template <int D>
-constexpr bool q_in_registers() {
+__host__ __device__ constexpr bool q_in_registers() {
   return D <= 128;
 }
 constexpr int kThreads = 128;
@@ -77,20 +78,11 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   const int group = lane / 4;  // the fragment row this thread holds (and +8)
   const int quad = lane % 4;   // which column pair
 
-  // The key axis: the memory rows, or (prefix dropout) the rows kv_index[b] gathers from them.
-  const int64_t* index = p.kv_index == nullptr ? nullptr : p.kv_index + b * p.kv_index_batch_stride;
-  const int num_keys = index == nullptr ? p.num_keys : p.num_gathered;
-  const int length = valid_length(p.kv_lengths, b, num_keys);
-  // The last key any row of this CTA can see (causal: the CTA's last row's diagonal).
-  int key_end = length;
-  if (p.causal) {
-    const int last_row = min(m0 + kBlockM, p.num_queries) - 1;
-    key_end = max(0, min(length, last_row + length - p.num_queries + 1));
-  }
-  const int num_tiles = (key_end + kBlockN - 1) / kBlockN;
-  const int tiles_per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
-  const int tile_begin = split * tiles_per_split;
-  const int tile_end = min(num_tiles, tile_begin + tiles_per_split);
+  const KeyAxis axis = key_axis(p, b);
+  const int64_t* index = axis.index;
+  const int length = axis.length;
+  int tile_begin, tile_end;
+  forward_key_tiles(p, axis, m0, kBlockM, kBlockN, split, p.num_splits, tile_begin, tile_end);
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
@@ -183,10 +175,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int key = n0 + j * 8 + 2 * quad + c;
-        bool visible = key < length;
-        if (visible && p.key_padding_mask != nullptr) {  // the flag of the key's memory row
-          visible = !p.key_padding_mask[b * p.mask_batch_stride + key_row(index, key, p.num_keys) * p.mask_row_stride];
-        }
+        const bool visible = key_visible(p, axis, b, key);
         const int diagonal = length - p.num_queries;  // causal: key <= row + diagonal
         if (!visible || (p.causal && key > row0 + diagonal)) s[j][c] = -INFINITY;
         if (!visible || (p.causal && key > row1 + diagonal)) s[j][2 + c] = -INFINITY;
@@ -314,8 +303,7 @@ void run_forward(const AttentionParams& p, cudaStream_t stream) {
   kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_splits > 1) {
-    combine_splits_kernel<T><<<static_cast<unsigned>(p.batch * p.heads * p.num_queries), 64, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_combine_splits(p, std::is_same_v<T, __half> ? DType::kFloat16 : DType::kBFloat16, stream);
   }
 }
 
@@ -341,7 +329,20 @@ bool dispatch_head_dim(const AttentionParams& p, int padded_head_dim, cudaStream
 
 }  // namespace
 
+void launch_combine_splits(const AttentionParams& p, DType dtype, cudaStream_t stream) {
+  const unsigned rows = static_cast<unsigned>(p.batch * p.heads * p.num_queries);
+  if (dtype == DType::kFloat16) {
+    combine_splits_kernel<__half><<<rows, 64, 0, stream>>>(p);
+  } else if (dtype == DType::kBFloat16) {
+    combine_splits_kernel<__nv_bfloat16><<<rows, 64, 0, stream>>>(p);
+  } else {
+    combine_splits_kernel<float><<<rows, 64, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 bool launch_attention_forward(const AttentionParams& params, DType dtype, int padded_head_dim, cudaStream_t stream) {
+  if (dtype == DType::kFloat32) return false;  // the SIMT kernels' (attention_simt.cu)
   if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(params, padded_head_dim, stream);
   return dispatch_head_dim<__nv_bfloat16>(params, padded_head_dim, stream);
 }

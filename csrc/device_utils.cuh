@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "attention.h"
+
 namespace perceiver_kernels {
 namespace detail {
 
@@ -82,6 +84,13 @@ struct Types<__nv_bfloat16> {
   }
 };
 
+// float32 tiles (the SIMT kernels): conversions only, nothing to multiply on tensor cores.
+template <>
+struct Types<float> {
+  __device__ __forceinline__ static float from_float(float x) { return x; }
+  __device__ __forceinline__ static float to_float(float x) { return x; }
+};
+
 // The memory row of key j of the (possibly gathered) key axis: index[j] clamped to [0, num_rows) when a
 // kv_index row is given (prefix dropout), else j.
 __device__ __forceinline__ int64_t key_row(const int64_t* index, int j, int num_rows) {
@@ -108,15 +117,15 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
 }
 
 // Rotates, in shared memory, the first rotary_dim channels of rows [0, rows_valid) of a (ROWS, D) tile
-// (row stride D + 8) holding rows first_row.. of the key (or query) axis, by the float32 cos/sin tables of
-// one sample (cos row m at cos[m * half], sin = cos + sin_offset; m = key_row(index, first_row + r) with a
-// kv_index row, so a gathered key keeps its own position), rounding to T as a naive rotation would.
+// (row stride STRIDE, elements of type Storage: T itself, or float32 in the SIMT kernels) holding rows
+// first_row.. of the key (or query) axis, by the float32 cos/sin tables of one sample (cos row m at
+// cos[m * half], sin = cos + sin_offset; m = key_row(index, first_row + r) with a kv_index row, so a
+// gathered key keeps its own position), rounding to T as a naive rotation in T would.
 // Each pair belongs to one thread: no race within the call; callers __syncthreads() before and after.
-template <typename T, int D, int ROWS, int THREADS>
-__device__ __forceinline__ void rotate_tile(T* tile, const float* cos, int64_t sin_offset, int first_row,
+template <typename T, int D, int ROWS, int THREADS, typename Storage = T, int STRIDE = D + 8>
+__device__ __forceinline__ void rotate_tile(Storage* tile, const float* cos, int64_t sin_offset, int first_row,
                                             int rows_valid, int rotary_dim, bool interleaved,
                                             const int64_t* index = nullptr, int num_rows = 0) {
-  constexpr int kStride = D + 8;
   const int half = rotary_dim / 2;
   for (int c = threadIdx.x; c < ROWS * half; c += THREADS) {
     const int r = c / half;
@@ -127,11 +136,11 @@ __device__ __forceinline__ void rotate_tile(T* tile, const float* cos, int64_t s
     const int64_t table_row = key_row(index, first_row + r, num_rows);
     const float cs = cos[table_row * half + i];
     const float sn = cos[sin_offset + table_row * half + i];
-    T* row = tile + r * kStride;
-    const float x = Types<T>::to_float(row[a]);
-    const float y = Types<T>::to_float(row[b]);
-    row[a] = Types<T>::from_float(x * cs - y * sn);
-    row[b] = Types<T>::from_float(y * cs + x * sn);
+    Storage* row = tile + r * STRIDE;
+    const float x = Types<Storage>::to_float(row[a]);
+    const float y = Types<Storage>::to_float(row[b]);
+    row[a] = Types<Storage>::from_float(Types<T>::to_float(Types<T>::from_float(x * cs - y * sn)));
+    row[b] = Types<Storage>::from_float(Types<T>::to_float(Types<T>::from_float(y * cs + x * sn)));
   }
 }
 
@@ -166,6 +175,45 @@ __device__ __forceinline__ int valid_length(const int64_t* kv_lengths, int b, in
   if (kv_lengths == nullptr) return num_keys;
   const int64_t given = kv_lengths[b];
   return static_cast<int>(given < 0 ? 0 : (given > num_keys ? num_keys : given));
+}
+
+// The key axis of sample b: the memory rows of k, or (prefix dropout) the rows its kv_index row gathers.
+struct KeyAxis {
+  const int64_t* index;  // this sample's kv_index row, or null
+  int size;              // Nk, or Nk' with kv_index
+  int length;            // L_b <= size: keys at or beyond it are masked (kv_lengths)
+};
+
+__device__ __forceinline__ KeyAxis key_axis(const CommonParams& p, int b) {
+  KeyAxis axis;
+  axis.index = p.kv_index == nullptr ? nullptr : p.kv_index + b * p.kv_index_batch_stride;
+  axis.size = axis.index == nullptr ? p.num_keys : p.num_gathered;
+  axis.length = valid_length(p.kv_lengths, b, axis.size);
+  return axis;
+}
+
+// Whether key j of the axis is visible apart from the causal mask: below L_b and not padding (the flag of
+// its memory row).
+__device__ __forceinline__ bool key_visible(const CommonParams& p, const KeyAxis& axis, int b, int key) {
+  if (key >= axis.length) return false;
+  if (p.key_padding_mask == nullptr) return true;
+  return !p.key_padding_mask[b * p.mask_batch_stride + key_row(axis.index, key, p.num_keys) * p.mask_row_stride];
+}
+
+// The key tiles [begin, end) of size block_n that split `split` of `num_splits` walks for the query block
+// starting at m0 (block_m rows): every tile up to the last key any of its rows can see (causal: the last
+// row's diagonal), divided into contiguous ranges per split.
+__device__ __forceinline__ void forward_key_tiles(const CommonParams& p, const KeyAxis& axis, int m0, int block_m,
+                                                  int block_n, int split, int num_splits, int& begin, int& end) {
+  int key_end = axis.length;
+  if (p.causal) {
+    const int last_row = min(m0 + block_m, p.num_queries) - 1;
+    key_end = max(0, min(axis.length, last_row + axis.length - p.num_queries + 1));
+  }
+  const int num_tiles = (key_end + block_n - 1) / block_n;
+  const int tiles_per_split = (num_tiles + num_splits - 1) / num_splits;
+  begin = split * tiles_per_split;
+  end = min(num_tiles, begin + tiles_per_split);
 }
 
 }  // namespace detail

@@ -30,21 +30,45 @@ constexpr const char* kOp = "perceiver_kernels::cuda_attention: ";
 
 std::string shape_of(const at::Tensor& t) { return c10::str(t.sizes()); }
 
-// cp.async copies 16-byte rows: the head dim, every stride but the last and the base address must allow it.
-void check_layout(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, kOp, name, " must have a contiguous last dim, got strides ",
-              t.strides());
-  if (t.numel() == 0) return;
+// The kernels read rows with a unit last-dim stride; anything else (a rare layout) is copied first.
+at::Tensor with_unit_last_dim(const at::Tensor& t) {
+  return t.dim() == 4 && t.size(3) > 1 && t.stride(3) != 1 ? t.contiguous() : t;
+}
+
+// cp.async copies 16-byte rows: every stride but the last and the base address must allow it.
+bool rows_16_byte_aligned(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
   for (int d = 0; d < 3; ++d) {
-    TORCH_CHECK(t.size(d) == 1 || t.stride(d) % 8 == 0, kOp, name, " stride ", d, " (", t.stride(d),
-                ") must be a multiple of 8 elements (16-byte rows for cp.async)");
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
   }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, kOp, name, " must be 16-byte aligned");
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
 int padded_head_dim(int64_t head_dim_qk, int64_t head_dim_v) {
   const int64_t widest = std::max(head_dim_qk, head_dim_v);
   return widest <= 32 ? 32 : (widest <= 64 ? 64 : (widest <= 128 ? 128 : 256));
+}
+
+// Which kernels run these (checked) inputs: the tensor-core ones where they can (16-bit, head dims that
+// are multiples of 8, 16-byte rows, query and key blocks of 64 within the grid's y axis, enough shared
+// memory for their tiles at head dims above 128), else the SIMT ones (attention_simt.cu). Both the
+// forward and the backward decide by this, on the same inputs.
+bool use_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t key_axis) {
+  if (q.scalar_type() == at::kFloat) return false;
+  const int64_t head_dim_qk = k.size(3), head_dim_v = v.size(3);
+  if (head_dim_qk % 8 != 0 || head_dim_v % 8 != 0) return false;
+  if (!rows_16_byte_aligned(q) || !rows_16_byte_aligned(k) || !rows_16_byte_aligned(v)) return false;
+  if ((q.size(1) + 63) / 64 > 65535 || (key_axis + 63) / 64 > 65535) return false;
+  if (std::max(head_dim_qk, head_dim_v) > 128 &&
+      at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < kTensorCoreWideHeadSharedMemory) {
+    return false;
+  }
+  return true;
+}
+
+DType dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf ? DType::kFloat16
+                                      : (t.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32);
 }
 
 // The checks both ops share: shapes, devices, dtypes, head dims, layouts, masks. Returns kv_lengths as an
@@ -59,8 +83,8 @@ at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), kOp, "q, k and v must be on one device");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), kOp,
               "q, k and v must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
-              "the CUDA backend computes float16 and bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+              kOp, "the CUDA backend computes float32, float16 and bfloat16, got ", q.scalar_type());
   const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
   const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
   TORCH_CHECK(q.size(0) == batch || q.size(0) == 1, kOp, "q must have batch ", batch, " or 1, got ", shape_of(q));
@@ -68,22 +92,19 @@ at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
               ") to match k ", shape_of(k), ", got ", shape_of(q));
   TORCH_CHECK(v.size(0) == batch && v.size(1) == num_keys && v.size(2) == heads, kOp, "v must be (", batch, ", ",
               num_keys, ", ", heads, ", Dv) to match k, got ", shape_of(v));
-  TORCH_CHECK(head_dim_qk % 8 == 0 && head_dim_v % 8 == 0 && head_dim_qk <= 256 && head_dim_v <= 256, kOp,
-              "head dims must be multiples of 8 up to 256 on the CUDA backend, got Dqk=", head_dim_qk,
-              ", Dv=", head_dim_v);
+  TORCH_CHECK(head_dim_qk >= 1 && head_dim_v >= 1 && head_dim_qk <= 256 && head_dim_v <= 256, kOp,
+              "head dims must be between 1 and 256 on the CUDA backend, got Dqk=", head_dim_qk, ", Dv=", head_dim_v);
   // The kernels keep the running max of unscaled scores: a non-positive (or float-underflowing) scale
   // would turn -inf masks into NaN. Python routes such calls to Triton (cuda_attention.unsupported_reason).
   TORCH_CHECK(static_cast<float>(scale) > 0 && std::isfinite(static_cast<float>(scale)), kOp,
               "the CUDA kernels need a positive float32 scale, got ", scale);
-  check_layout(q, "q");
-  check_layout(k, "k");
-  check_layout(v, "v");
-  // Grid limits: B*H CTAs in x; query blocks (forward) and key blocks (backward) of 64 in y (<= 65535);
-  // the split-KV combine launches B*H*Nq CTAs in x.
-  TORCH_CHECK(batch * heads * std::max<int64_t>(num_queries, 1) <= INT32_MAX, kOp, "B * H * Nq = ",
-              batch * heads * num_queries, " exceeds the CUDA kernels' int32 grid");
-  TORCH_CHECK((num_queries + 63) / 64 <= 65535 && (num_keys + 63) / 64 <= 65535, kOp,
-              "Nq and Nk must be at most 65535 * 64 on the CUDA backend, got ", num_queries, " and ", num_keys);
+  // Grid limits (int32 CTA counts along x): the split-KV combine launches B*H*Nq CTAs, the SIMT kernels
+  // B*H times the query or key tiles of 16 (or more). Blocks of 64 along y (<= 65535) are the tensor-core
+  // kernels', which use_tensor_cores() checks.
+  TORCH_CHECK(batch * heads * std::max<int64_t>(num_queries, 1) <= INT32_MAX &&
+                  batch * heads * ((std::max(num_queries, num_keys) + 15) / 16) <= INT32_MAX,
+              kOp, "B * H * max(Nq, Nk) = ", batch * heads * std::max(num_queries, num_keys),
+              " exceeds the CUDA kernels' int32 grid");
   if (key_padding_mask.has_value()) {
     const at::Tensor& mask = *key_padding_mask;
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == batch &&
@@ -110,7 +131,8 @@ at::Tensor check_kv_index(const std::optional<at::Tensor>& kv_index, const at::T
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == k.size(0), kOp,
               "kv_index must be int64 (", k.size(0), ", Nk'), got ", t.scalar_type(), " ", shape_of(t));
   TORCH_CHECK(t.device() == k.device(), kOp, "kv_index must be on ", k.device());
-  TORCH_CHECK(t.size(1) <= 65535 * 64, kOp, "kv_index gathers at most 65535 * 64 keys, got ", t.size(1));
+  TORCH_CHECK(k.size(0) * k.size(2) * ((t.size(1) + 15) / 16) <= INT32_MAX, kOp, "kv_index gathers ", t.size(1),
+              " keys per sample: B * H * Nk' exceeds the CUDA kernels' int32 grid");
   TORCH_CHECK(k.size(1) > 0 || t.size(1) == 0, kOp, "kv_index gathers ", t.size(1), " rows from an empty k");
   return t.stride(1) == 1 ? t : t.contiguous();
 }
@@ -202,10 +224,12 @@ void fill_common(CommonParams& p, const at::Tensor& q, const at::Tensor& k, cons
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& q_arg, const at::Tensor& k_arg, const at::Tensor& v_arg,
+    const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& kv_index,
     const std::optional<at::Tensor>& q_rope, const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
     bool rotary_interleaved, bool causal, double scale, int64_t num_splits) {
+  const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
   const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
   const at::Tensor& index = checked.index;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -222,9 +246,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
   p.out_batch_stride = out.stride(0);
   p.out_row_stride = out.stride(1);
   p.out_head_stride = out.stride(2);
-  // More splits than key blocks would only allocate empty partials.
+  // More splits than key blocks of 64 would only allocate empty partials (and the grid takes 65535).
   const int64_t key_axis = index.defined() ? index.size(1) : num_keys;
-  p.num_splits = static_cast<int>(std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, (key_axis + 63) / 64)));
+  p.num_splits = static_cast<int>(
+      std::clamp<int64_t>(num_splits, 1, std::clamp<int64_t>((key_axis + 63) / 64, 1, 65535)));
 
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
@@ -233,22 +258,25 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     p.out_partial = out_partial.data_ptr<float>();
     p.lse_partial = lse_partial.data_ptr<float>();
   }
-  const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  const bool launched =
-      launch_attention_forward(p, dtype, padded_head_dim(head_dim_qk, head_dim_v), at::cuda::getCurrentCUDAStream());
+  const DType dtype = dtype_of(q);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int head_dim = padded_head_dim(head_dim_qk, head_dim_v);
+  const bool launched = use_tensor_cores(q, k, v, key_axis) ? launch_attention_forward(p, dtype, head_dim, stream)
+                                                            : launch_attention_forward_simt(p, dtype, head_dim, stream);
   TORCH_CHECK(launched, kOp, "no kernel compiled for head dims ", head_dim_qk, "/", head_dim_v);
   return {out, lse};
 }
 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_arg,
+    const at::Tensor& k_arg, const at::Tensor& v_arg, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits) {
   (void)num_splits;  // the backward parallelises over key blocks; nothing to split
+  const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
   const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
   const at::Tensor& index = checked.index;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -287,11 +315,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
   if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
   delta = delta.contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dout = grad_out;
-  if (dout.stride(3) != 1 || reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 != 0 || dout.stride(1) % 8 != 0 ||
-      dout.stride(2) % 8 != 0 || dout.stride(0) % 8 != 0) {
-    dout = grad_out.clone(at::MemoryFormat::Contiguous);  // e.g. the zero-stride gradient of out.sum()
-  }
+  const bool tensor_cores = use_tensor_cores(q, k, v, key_axis);
+  at::Tensor dout = with_unit_last_dim(grad_out);  // e.g. the zero-stride gradient of out.sum()
+  if (tensor_cores && !rows_16_byte_aligned(dout)) dout = grad_out.clone(at::MemoryFormat::Contiguous);
 
   BackwardParams p{};
   fill_common(p, q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale);
@@ -314,14 +340,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
                                : at::empty({batch, num_keys, heads, head_dim_qk}, float_options);
     p.dk_float = dk_float.data_ptr<float>();
   }
-  const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  const bool launched =
-      launch_attention_backward(p, dtype, padded_head_dim(head_dim_qk, head_dim_v), at::cuda::getCurrentCUDAStream());
+  const DType dtype = dtype_of(q);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int head_dim = padded_head_dim(head_dim_qk, head_dim_v);
+  const bool launched = tensor_cores ? launch_attention_backward(p, dtype, head_dim, stream)
+                                     : launch_attention_backward_simt(p, dtype, head_dim, stream);
   TORCH_CHECK(launched, kOp, "no backward kernel compiled for head dims ", head_dim_qk, "/", head_dim_v);
   if (rotary_dim == 0) return {dq_accum.to(q.scalar_type()), dk, dv};
   // dQ and dK were computed in the rotated frame: turn them back (float32 in, q's dtype out).
   auto dq = at::empty_like(dq_accum, q.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
   launch_rotate_back(dq_accum.data_ptr<float>(), dq.data_ptr(), p.q_rope, p.q_rope_batch, q.size(0),
                      p.num_queries, p.heads, p.head_dim_qk, p.rotary_dim, rotary_interleaved, dtype, stream);
   launch_rotate_back(dk_float.data_ptr<float>(), dk.data_ptr(), p.k_rope, p.k_rope_batch, batch, p.num_keys, p.heads,

@@ -50,8 +50,8 @@ def attention(
         kv_lengths: int32/int64 ``(B,)``; keys at index ``>= kv_lengths[b]`` are ignored.
         scale: score scale, default ``Dqk ** -0.5``.
         backend: ``"auto"`` (fastest correct backend for the inputs' device), ``"triton"``,
-            ``"reference"``, ``"cuda"`` (the CUDA C++ forward; float16/bfloat16, head dims multiples of 8 up
-            to 256: other inputs raise, naming what is missing).
+            ``"reference"``, ``"cuda"`` (the CUDA C++ kernels; float32/float16/bfloat16, head dims up to
+            256: other inputs raise, naming what is missing).
             ``"auto"`` does not choose ``"cuda"`` yet.
         return_lse: also return the log-sum-exp of the scaled scores.
         rotary_dim: rotate the first ``rotary_dim`` channels (even, ``<= Dqk``) of every q and k head

@@ -4,7 +4,8 @@
 
 Small on purpose (the sanitizer slows kernels down a lot); each case covers a different path: partial
 tiles, split-KV and its combine, causal early exit, padding and lengths, a broadcast query, wide heads,
-rotary on load, the kv_index gather and scatter. Forward and backward."""
+rotary on load, the kv_index gather and scatter. Forward and backward; float32 and the odd head dims
+run the SIMT kernels, the 16-bit cases with dims that are multiples of 8 the tensor-core ones."""
 
 import torch
 
@@ -20,7 +21,10 @@ CASES = [  # (case, forced key splits)
     (AttentionCase(batch=2, nq=65, nk=200, heads=1, dqk=32, dv=128, pad_fraction=0.3), 4),
     (AttentionCase(batch=3, nq=17, nk=80, causal=True, rotary_dim=16, positions="left-pad"), 1),
     (AttentionCase(batch=3, nq=17, nk=150, causal=True, rotary_dim=16, prefix_dropout=True, pad_fraction=0.2), 2),
+    (AttentionCase(batch=2, nq=19, nk=90, heads=2, dqk=36, dv=13, causal=True, rotary_dim=12), 2),
+    (AttentionCase(batch=2, nq=17, nk=70, heads=1, dqk=200, dv=256, pad_fraction=0.2), 1),
 ]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def main() -> None:
@@ -28,7 +32,7 @@ def main() -> None:
     assert reason is None, reason
     torch.manual_seed(0)
     for case, splits in CASES:
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in DTYPES:
             inputs = make_inputs(case, dtype, "cuda")
             q, k, v = inputs["q"], inputs["k"], inputs["v"]
             options = attention_options(inputs)
@@ -37,7 +41,7 @@ def main() -> None:
             loss.backward()
             torch.cuda.synchronize()
             assert torch.isfinite(out).all() and torch.isfinite(q.grad).all(), case.describe()
-    print(f"sanitizer cases: {len(CASES) * 2} forward and backward calls ran")
+    print(f"sanitizer cases: {len(CASES) * len(DTYPES)} forward and backward calls ran")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The CUDA C++ backend (csrc/): the extension builds (for sm_80 and sm_90a) and registers its ops; the
 ops' CPU implementations and registrations pass ``opcheck``; on a GPU the kernels match the float64
-reference (out, lse, dq, dk, dv) on the features they cover, and everything else is refused with a
-reason."""
+reference (out, lse, dq, dk, dv) on the whole correctness matrix (tensor-core and SIMT kernels), and what
+they do not take (head dims above 256, float64) is refused with the reason."""
 
 import pytest
 import torch
@@ -131,7 +131,13 @@ def test_opcheck_cpu_schema(name):
 
 # -- GPU: the kernels ------------------------------------------------------------------------------
 
-GPU_DTYPES = [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")]
+# float32 runs on the SIMT kernels, float16/bfloat16 on the tensor-core kernels where they can (head dims
+# that are multiples of 8, 16-byte rows) and on the SIMT kernels otherwise (e.g. head-dims-odd).
+GPU_DTYPES = [
+    pytest.param(torch.float32, id="float32"),
+    pytest.param(torch.float16, id="float16"),
+    pytest.param(torch.bfloat16, id="bfloat16"),
+]
 # The Triton backend's correctness matrix, plus paths specific to these kernels: one row, more queries
 # than keys, the 32-key tiles of D = 256, the head-dim padding to one template D, NeoX rotary at D = 64.
 CUDA_CASES = {
@@ -181,12 +187,44 @@ def test_kernels_match_reference(name, num_splits, dtype, device):
     reason = cuda_attention.unsupported_reason(inputs["q"], inputs["k"], inputs["v"], case.dqk**-0.5)
     if reason is not None:
         options = attention_options(inputs)
-        with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs: .*head dims"):
+        with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs: .*head dims up to 256"):
             pk.attention(inputs["q"], inputs["k"], inputs["v"], backend="cuda", **options)
         return
     results = check_case(case, dtype, device, cuda_fn(num_splits))
     failed = {n: f"err {c.max_abs_error:.2e} > limit {c.limit:.2e}" for n, c in results.items() if not c.ok}
     assert not failed, f"{case.describe()} {dtype} splits={num_splits}: {failed}"
+
+
+def unaligned(t):
+    """``t`` (differentiably) moved one element off the 16-byte grid: the SIMT kernels' 16-bit path."""
+    flat = torch.cat([t.new_zeros(1), t.reshape(-1)])
+    return flat[1:].view(t.shape)
+
+
+def strided_last_dim(t):
+    """``t`` with a last-dim stride of 2 (copied by the op before the kernels read rows)."""
+    wide = torch.stack([t, torch.zeros_like(t)], dim=-1)
+    return wide[..., 0]
+
+
+SIMT_16BIT_CASES = ["padding-causal", "broadcast-query", "head-dim-256", "prefix-dropout-padding", "decode-rotary"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES[1:])
+@pytest.mark.parametrize("layout", [unaligned, strided_last_dim], ids=["unaligned", "strided-last-dim"])
+@pytest.mark.parametrize("name", SIMT_16BIT_CASES)
+def test_16_bit_inputs_the_tensor_cores_cannot_copy(name, layout, dtype, device):
+    """16-bit q/k/v not in 16-byte rows run on the SIMT kernels (or are copied), within the same tolerances."""
+    assert cuda_attention.load() is None
+    case = MATRIX[name]
+
+    def fn(q, k, v, **kw):
+        return cuda_fn(num_splits=2)(layout(q), layout(k), layout(v), **kw)
+
+    results = check_case(case, dtype, device, fn)
+    failed = {n: f"err {c.max_abs_error:.2e} > limit {c.limit:.2e}" for n, c in results.items() if not c.ok}
+    assert not failed, f"{case.describe()} {dtype} {layout.__name__}: {failed}"
 
 
 @pytest.mark.gpu
@@ -226,10 +264,9 @@ def test_compiles_without_graph_breaks(device):
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (dict(dtype=torch.float32), "float16 and bfloat16"),
-        (dict(dqk=100), "multiples of 8 up to 256"),
-        (dict(dv=264), "multiples of 8 up to 256"),
-        (dict(dqk=36), "multiples of 8 up to 256"),
+        (dict(dtype=torch.float64), "float32, float16 and bfloat16"),
+        (dict(dqk=300), "head dims up to 256"),
+        (dict(dv=264), "head dims up to 256"),
     ],
 )
 def test_unsupported_inputs_are_refused_with_the_reason(overrides, words, device):

@@ -28,8 +28,9 @@ from .triton_attention import rotary_inputs
 OP = "perceiver_kernels::cuda_attention_fwd"
 BACKWARD_OP = "perceiver_kernels::cuda_attention_bwd"
 MAX_HEAD_DIM = 256
-WIDE_HEAD_SHARED_MEMORY = 106_240  # bytes: the D = 256 backward's tiles (csrc/attention_bwd.cu)
-BLOCK_M = BLOCK_N = 64  # the kernel's tile (csrc/attention_fwd.cu)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_CAPABILITY = (8, 0)  # sm_80: mma.sync m16n8k16 with bfloat16, cp.async, ldmatrix
+BLOCK_M = BLOCK_N = 64  # the tensor-core forward's tile (csrc/attention_fwd.cu), for the split heuristic
 
 _registered = False
 
@@ -50,32 +51,26 @@ def load() -> str | None:
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> str | None:
-    """Why the CUDA kernels cannot run these (already validated) inputs, or None."""
+    """Why the CUDA kernels cannot run these (already validated) inputs, or None.
+
+    The C++ side chooses between its tensor-core kernels and its SIMT kernels (float32, head dims that are
+    not multiples of 8, unaligned rows, axes beyond the tensor-core grid); between them they take every
+    float32/float16/bfloat16 input with head dims up to 256 on a GPU of compute capability 8.0 or newer."""
     if q.device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the CUDA backend computes float16 and bfloat16 so far, not {q.dtype}"
+    if q.dtype not in DTYPES:
+        return f"the CUDA backend computes float32, float16 and bfloat16, not {q.dtype}"
     if scale is not None and not torch.finfo(torch.float32).tiny <= scale <= torch.finfo(torch.float32).max:
         return f"the CUDA kernels need a positive float32 scale, got {scale}"
-    grid_limit = 65535 * BLOCK_M  # query / key blocks of 64 along the grid's y axis
-    if q.shape[1] > grid_limit or k.shape[1] > grid_limit:
-        return f"the CUDA kernels take at most {grid_limit} queries and keys, got {q.shape[1]} and {k.shape[1]}"
     dqk, dv = q.shape[-1], v.shape[-1]
-    if dqk % 8 or dv % 8 or dqk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
-        return f"the CUDA kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {dqk} and {dv}"
-    if torch.compiler.is_compiling():  # no data pointers or device queries while tracing; the op checks itself
+    if dqk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        return f"the CUDA kernels take head dims up to {MAX_HEAD_DIM}, got {dqk} and {dv}"
+    if torch.compiler.is_compiling():  # no device queries while tracing; the op checks itself
         return None
-    if max(dqk, dv) > 128 and _shared_memory_per_block(q.device) < WIDE_HEAD_SHARED_MEMORY:
-        return (f"head dims above 128 need {WIDE_HEAD_SHARED_MEMORY} bytes of shared memory per block "
-                "(A100, H100), more than this GPU has")  # fmt: skip
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.numel() and (t.data_ptr() % 16 or any(t.stride(d) % 8 for d in range(3) if t.shape[d] > 1)):
-            return f"{name} is not laid out in 16-byte rows (strides {t.stride()}), which the CUDA kernels copy"
+    if torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return f"the CUDA kernels are built for compute capability 8.0 and newer, this GPU has {major}.{minor}"
     return None
-
-
-def _shared_memory_per_block(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def cuda_attention(

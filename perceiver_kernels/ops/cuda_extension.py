@@ -31,7 +31,7 @@ import sysconfig
 from pathlib import Path
 
 SOURCES_DIR = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("ops.cpp", "attention_fwd.cu", "attention_bwd.cu")
+SOURCES = ("ops.cpp", "attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu")
 DEFAULT_ARCHS = "8.0;9.0a"
 # One build directory per source checkout: two checkouts sharing a name would rebuild over each other.
 EXTENSION_NAME = "perceiver_kernels_cuda_" + hashlib.sha1(str(SOURCES_DIR).encode()).hexdigest()[:8]
