@@ -32,6 +32,7 @@
 
 #include "attention.h"
 #include "device_utils.cuh"
+#include "finish_kernels.cuh"
 
 namespace perceiver_kernels {
 namespace {
@@ -333,33 +334,6 @@ bool dispatch_head_dim(const BackwardParams& p, int padded_head_dim, cudaStream_
       return true;
     default:
       return false;
-  }
-}
-
-// One CTA per (sample, row, head) of a contiguous (Bg, N, H, D) gradient; inverse rotation: a pair (a, b)
-// turned by angle t becomes (a cos t + b sin t, b cos t - a sin t).
-template <typename T>
-__global__ void rotate_back_kernel(const float* grad, T* out, const float* rope, int rope_batch, int n, int heads,
-                                   int head_dim, int rotary_dim, bool interleaved) {
-  const int64_t row = blockIdx.x;  // ((b * N) + i) * H + h
-  const int64_t sample_row = row / heads;
-  const int i = static_cast<int>(sample_row % n);
-  const int64_t b = sample_row / n;
-  const int half = rotary_dim / 2;
-  const float* cos = rope + ((rope_batch > 1 ? b : 0) * n + i) * half;
-  const float* sin = cos + static_cast<int64_t>(rope_batch) * n * half;
-  const float* g = grad + row * head_dim;
-  T* o = out + row * head_dim;
-  for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
-    float value = g[c];
-    if (c < rotary_dim) {
-      const int pair = interleaved ? c / 2 : c % half;
-      const bool second = interleaved ? (c % 2 == 1) : (c >= half);
-      const float a = g[interleaved ? 2 * pair : pair];
-      const float b_value = g[interleaved ? 2 * pair + 1 : pair + half];
-      value = second ? b_value * cos[pair] - a * sin[pair] : a * cos[pair] + b_value * sin[pair];
-    }
-    o[c] = Types<T>::from_float(value);
   }
 }
 

@@ -37,6 +37,7 @@
 
 #include "attention.h"
 #include "device_utils.cuh"
+#include "finish_kernels.cuh"
 
 namespace perceiver_kernels {
 namespace {
@@ -264,34 +265,6 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       if (quad == 0) p.lse_partial[slot] = lse;
     }
   }
-}
-
-// Merges the splits of one (batch, head, row): weights exp(lse_s - max lse), normalised.
-template <typename T>
-__global__ void combine_splits_kernel(const AttentionParams p) {
-  const int64_t index = blockIdx.x;  // (b * H + h) * Nq + row
-  const int row = static_cast<int>(index % p.num_queries);
-  const int64_t bh = index / p.num_queries;
-  const int b = static_cast<int>(bh / p.heads);
-  const int h = static_cast<int>(bh % p.heads);
-  const int64_t split_stride = static_cast<int64_t>(p.batch) * p.heads * p.num_queries;
-  float max_lse = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) max_lse = fmaxf(max_lse, p.lse_partial[s * split_stride + index]);
-  float total = 0.f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float lse = p.lse_partial[s * split_stride + index];
-    total += lse == -INFINITY ? 0.f : expf(lse - max_lse);
-  }
-  T* out_row = static_cast<T*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride;
-  for (int d = threadIdx.x; d < p.head_dim_v; d += blockDim.x) {
-    float value = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float lse = p.lse_partial[s * split_stride + index];
-      if (lse != -INFINITY) value += expf(lse - max_lse) * p.out_partial[(s * split_stride + index) * p.head_dim_v + d];
-    }
-    out_row[d] = Types<T>::from_float(total > 0.f ? value / total : 0.f);
-  }
-  if (threadIdx.x == 0) p.lse[index] = total > 0.f ? max_lse + logf(total) : -INFINITY;
 }
 
 template <typename T, int D>

@@ -11,6 +11,7 @@ from perceiver_kernels.ops import cuda_attention, cuda_extension
 from perceiver_kernels.rotary import rotary_tables
 from perceiver_kernels.testing import (
     AR_CASES,
+    CUDA_CASES,
     FEATURE_CASES,
     AttentionCase,
     attention_options,
@@ -138,32 +139,6 @@ GPU_DTYPES = [
     pytest.param(torch.float16, id="float16"),
     pytest.param(torch.bfloat16, id="bfloat16"),
 ]
-# The Triton backend's correctness matrix, plus paths specific to these kernels: one row, more queries
-# than keys, the 32-key tiles of D = 256, the head-dim padding to one template D, NeoX rotary at D = 64.
-CUDA_CASES = {
-    "lengths-24-40": AttentionCase(batch=2, nq=33, nk=129, heads=3, dqk=24, dv=40),
-    "single-row": AttentionCase(batch=2, nq=1, nk=300, heads=2, dqk=64, dv=64),
-    "queries-exceed-keys": AttentionCase(batch=2, nq=100, nk=17, heads=2, dqk=32, dv=32, causal=True),
-    "causal-long": AttentionCase(batch=2, nq=100, nk=300, heads=2, dqk=64, dv=64, causal=True),
-    "qk-32-v-128": AttentionCase(nq=65, nk=200, dqk=32, dv=128),
-    "head-dim-8": AttentionCase(nq=9, nk=70, dqk=8, dv=8),
-    "head-dim-256-causal-padding": AttentionCase(
-        nq=17, nk=100, heads=1, dqk=256, dv=256, causal=True, pad_fraction=0.2
-    ),
-    "qk-256-v-64": AttentionCase(nq=65, nk=70, heads=2, dqk=256, dv=64, kv_lengths=(70, 33)),
-    "prefix-dropout-left-pad-neox-64": AttentionCase(
-        batch=2,
-        nq=33,
-        nk=200,
-        dqk=64,
-        dv=64,
-        causal=True,
-        rotary_dim=32,
-        rotary_interleaved=False,
-        positions="left-pad",
-        prefix_dropout=True,
-    ),  # fmt: skip
-}
 MATRIX = {**FEATURE_CASES, **AR_CASES, **CUDA_CASES}
 
 

@@ -1,0 +1,140 @@
+"""The CUDA backend's SIMT kernels on the CPU: ``csrc/simt_kernels.cuh`` (forward and backward),
+``csrc/finish_kernels.cuh`` (split-KV combine, rotary turn-back) and the host flow of ``csrc/host.h``,
+compiled with the host compiler against an emulation of the CUDA execution model
+(``tests/simt_emulation/emulator.h``: every thread a fiber, switching at barriers, in a seeded random
+order) and checked against the float64 reference on the whole correctness matrix.
+
+So the kernels' indexing, masks, tile ranges, rotary positions, gathers, scatters, split-KV and barrier
+structure are tested on every CI run, without a GPU. What the emulation cannot show (the tensor-core
+kernels, GPU rounding, memory-model effects) is left to the GPU tests (``tests/test_cuda_backend.py``)."""
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from perceiver_kernels.ops import cuda_extension
+from perceiver_kernels.ops.triton_attention import rotary_inputs
+from perceiver_kernels.testing import (
+    AR_CASES,
+    CUDA_CASES,
+    FEATURE_CASES,
+    attention_options,
+    check_case,
+    make_inputs,
+)
+
+HERE = Path(__file__).parent
+CSRC = HERE.parent / "csrc"
+MAX_HEAD_DIM = 256  # the SIMT kernels' limit (csrc/simt_kernels.cuh)
+
+
+def cuda_headers() -> Path | None:
+    """cuda_fp16.h and friends (host-compilable); the kernels' sources include them."""
+    home = cuda_extension.find_cuda_home()
+    include = Path(home) / "include" if home else None
+    return include if include is not None and (include / "cuda_fp16.h").exists() else None
+
+
+@functools.cache
+def load() -> None:
+    import torch.utils.cpp_extension as cpp_extension
+
+    cpp_extension.load(
+        name="perceiver_kernels_simt_emulation",
+        sources=[str(HERE / "simt_emulation" / "emulated_ops.cpp")],
+        extra_cflags=["-O2", "-std=c++20", "-Wno-attributes"],
+        extra_include_paths=[
+            str(CSRC),
+            str(HERE / "simt_emulation"),
+            str(cuda_headers()),
+            *cuda_extension.include_dirs(),
+        ],  # fmt: skip
+        is_python_module=False,
+    )
+
+
+pytestmark = pytest.mark.skipif(cuda_headers() is None, reason="no CUDA toolkit headers here to compile the kernels")
+
+
+class Emulated(torch.autograd.Function):
+    """The emulated ops as a differentiable function (as ``ops/cuda_attention.py`` registers the real ones)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, lengths, index, q_rope, k_rope, rotary_dim, interleaved, causal, scale, splits,
+                seed):  # fmt: skip
+        out, lse = torch.ops.perceiver_kernels_emulation.attention_fwd(
+            q, k, v, mask, lengths, index, q_rope, k_rope, rotary_dim, interleaved, causal, scale, splits, seed
+        )
+        ctx.save_for_backward(q, k, v, out, lse, mask, lengths, index, q_rope, k_rope)
+        ctx.options = (rotary_dim, interleaved, causal, scale, splits, seed)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, mask, lengths, index, q_rope, k_rope = ctx.saved_tensors
+        grads = torch.ops.perceiver_kernels_emulation.attention_bwd(
+            grad_out.contiguous(), grad_lse, q, k, v, out, lse, mask, lengths, index, q_rope, k_rope, *ctx.options
+        )
+        return *grads, *([None] * 11)
+
+
+def emulated_fn(num_splits: int, seed: int):
+    """``attention_fn`` for ``check_case``: arguments as ``pk.attention``, through the emulated kernels."""
+
+    def fn(q, k, v, *, causal=False, key_padding_mask=None, kv_lengths=None, rotary_dim=0, rotary_interleaved=True,
+           q_positions=None, k_positions=None, kv_index=None):  # fmt: skip
+        scale = q.shape[-1] ** -0.5
+        q, q_rope, k_rope = rotary_inputs(q, k, rotary_dim, q_positions, k_positions, 10000.0, kv_lengths, kv_index)
+        return Emulated.apply(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim,
+                              rotary_interleaved, causal, scale, num_splits, seed)  # fmt: skip
+
+    return fn
+
+
+MATRIX = {
+    name: case
+    for name, case in {**FEATURE_CASES, **AR_CASES, **CUDA_CASES}.items()
+    if max(case.dqk, case.dv) <= MAX_HEAD_DIM
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_simt_kernels_match_reference(name, dtype):
+    """Forward and backward, once in thread order without splits and once in a random order with three
+    key splits (and their combine), within the tolerances every backend meets."""
+    load()
+    case = MATRIX[name]
+    for splits, seed in ((1, 0), (3, 1 + sum(map(ord, name)))):
+        torch.manual_seed(seed)
+        results = check_case(case, dtype, "cpu", emulated_fn(splits, seed))
+        failed = {n: f"err {c.max_abs_error:.2e} > limit {c.limit:.2e}" for n, c in results.items() if not c.ok}
+        assert not failed, f"{case.describe()} {dtype} splits={splits} seed={seed}: {failed}"
+
+
+@pytest.mark.parametrize("name", ["padding-causal", "prefix-dropout-rotary-left-pad", "head-dim-256"])
+def test_results_do_not_depend_on_thread_order(name):
+    """Between barriers the emulated threads run in a seeded random order: a shared-memory race (a read of a
+    value another thread writes in the same phase) would change out, lse, dk or dv from one order to the
+    next. dq sums float32 atomics, whose order legitimately changes its rounding, so it is compared with a
+    tolerance."""
+    load()
+    case = MATRIX[name]
+    inputs = make_inputs(case, torch.float32, "cpu")
+    options = attention_options(inputs)
+    runs = []
+    for seed in (0, 11, 12):
+        q, k, v = (inputs[n].detach().clone().requires_grad_() for n in ("q", "k", "v"))
+        out, lse = emulated_fn(2, seed)(q, k, v, **options)
+        out.backward(inputs["grad_out"])
+        runs.append((out, lse, q.grad, k.grad, v.grad))
+    first = runs[0]
+    for other in runs[1:]:
+        for name_, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, other, strict=True):
+            if name_ == "dq":
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(a, b), f"{name_} depends on the order threads run in"
