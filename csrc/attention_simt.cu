@@ -11,6 +11,7 @@
 
 #include "attention.h"
 #include "device_utils.cuh"
+#include "dispatch.cuh"
 #include "simt_kernels.cuh"
 
 namespace perceiver_kernels {
@@ -43,14 +44,14 @@ void run_backward(const BackwardParams& p, cudaStream_t stream) {
 
 bool launch_attention_forward_simt(const AttentionParams& params, DType dtype, int max_head_dim, cudaStream_t stream) {
   const bool launched =
-      with_config(dtype, max_head_dim, [&]<typename T, int D>() { run_forward<T, D>(params, stream); });
+      with_simt_config(dtype, max_head_dim, [&]<typename T, int D>() { run_forward<T, D>(params, stream); });
   if (launched && params.num_splits > 1) launch_combine_splits(params, dtype, stream);
   return launched;
 }
 
 bool launch_attention_backward_simt(const BackwardParams& params, DType dtype, int max_head_dim,
                                     cudaStream_t stream) {
-  return with_config(dtype, max_head_dim, [&]<typename T, int D>() { run_backward<T, D>(params, stream); });
+  return with_simt_config(dtype, max_head_dim, [&]<typename T, int D>() { run_backward<T, D>(params, stream); });
 }
 
 }  // namespace perceiver_kernels

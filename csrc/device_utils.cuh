@@ -26,25 +26,45 @@ __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
 }
 
 // 16-byte global -> shared copy; `valid == false` writes 16 zero bytes instead (src-size 0 reads nothing).
+// With PERCEIVER_KERNELS_EMULATION (the CPU emulation in tests/simt_emulation) the four primitives below
+// and mma.sync are the emulator's implementations of their PTX definitions instead of inline PTX.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#ifdef PERCEIVER_KERNELS_EMULATION
+  emulator::cp_async_16(dst, src, valid);
+#else
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
                "r"(src_size));
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef PERCEIVER_KERNELS_EMULATION
+  emulator::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef PERCEIVER_KERNELS_EMULATION
+  emulator::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // Two 8x8 16-bit matrices, transposed: thread i gets rows 2(i%4), 2(i%4)+1 of column i/4 of each, which
 // is the B fragment (k16 x n8, "col") of mma.m16n8k16 when the rows are keys and the columns head dims.
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&frag)[2], const void* row_address) {
+#ifdef PERCEIVER_KERNELS_EMULATION
+  emulator::ldmatrix_x2_trans(frag, row_address);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(frag[0]), "=r"(frag[1])
                : "r"(shared_address(row_address)));
+#endif
 }
 
 template <typename T>
@@ -59,11 +79,15 @@ struct Types<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef PERCEIVER_KERNELS_EMULATION
+    emulator::mma_m16n8k16<__half>(c, a, b);
+#else
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
@@ -76,11 +100,15 @@ struct Types<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef PERCEIVER_KERNELS_EMULATION
+    emulator::mma_m16n8k16<__nv_bfloat16>(c, a, b);
+#else
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 

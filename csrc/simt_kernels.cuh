@@ -402,33 +402,5 @@ inline int key_tiles(const BackwardParams& p) {
   return (key_axis + tile_rows<D>() - 1) / tile_rows<D>();
 }
 
-// Calls fn.template operator()<T, D>() with the element type of `dtype` and the head-dim group (64, 128 or
-// 256) of max_head_dim; false (and no call) above 256. The one place that maps inputs to instantiations.
-template <typename Fn>
-bool with_config(DType dtype, int max_head_dim, Fn&& fn) {
-  if (max_head_dim > 256) return false;
-  auto by_head_dim = [&]<typename T>() {
-    if (max_head_dim <= 64) {
-      fn.template operator()<T, 64>();
-    } else if (max_head_dim <= 128) {
-      fn.template operator()<T, 128>();
-    } else {
-      fn.template operator()<T, 256>();
-    }
-  };
-  switch (dtype) {
-    case DType::kFloat32:
-      by_head_dim.template operator()<float>();
-      break;
-    case DType::kFloat16:
-      by_head_dim.template operator()<__half>();
-      break;
-    case DType::kBFloat16:
-      by_head_dim.template operator()<__nv_bfloat16>();
-      break;
-  }
-  return true;
-}
-
 }  // namespace simt
 }  // namespace perceiver_kernels

@@ -1,9 +1,10 @@
-// The CUDA backend's host flow (csrc/host.h) bound to CPU emulations (emulator.h) of the SIMT kernels
-// (csrc/simt_kernels.cuh) and of the combine / rotate-back kernels (csrc/finish_kernels.cuh), registered
-// as CPU ops with the CUDA ops' schemas plus a scheduling seed:
+// The CUDA backend's host flow (csrc/host.h) bound to CPU emulations (emulator.h) of its kernels: the
+// tensor-core ones (csrc/attention_fwd.cuh, attention_bwd.cuh), the SIMT ones (csrc/simt_kernels.cuh) and
+// the combine / rotate-back kernels (csrc/finish_kernels.cuh), registered as CPU ops with the CUDA ops'
+// schemas plus the kernel family and a scheduling seed:
 //
-//   perceiver_kernels_emulation::attention_fwd(..., int num_splits, int seed) -> (out, lse)
-//   perceiver_kernels_emulation::attention_bwd(..., int num_splits, int seed) -> (dq, dk, dv)
+//   perceiver_kernels_emulation::attention_fwd(..., int num_splits, bool tensor_cores, int seed) -> (out, lse)
+//   perceiver_kernels_emulation::attention_bwd(..., int num_splits, bool tensor_cores, int seed) -> (dq, dk, dv)
 //
 // tests/test_simt_emulation.py runs the correctness matrix through them: the kernels' logic is tested
 // on every CI run, without a GPU.
@@ -16,38 +17,65 @@
 #include "host.h"
 // After ATen: the emulator defines threadIdx & co. as macros.
 #include "emulator.h"
+// The kernels' headers, compiled for the emulator.
+#include "attention_bwd.cuh"
+#include "attention_fwd.cuh"
+#include "dispatch.cuh"
 #include "finish_kernels.cuh"
 #include "simt_kernels.cuh"
 
 namespace perceiver_kernels {
+// Each kernel family's dynamic shared memory (`extern __shared__ ... smem[]` in the kernels), sized for its
+// largest configuration: CTAs run one at a time.
 namespace simt {
-// The CTA's dynamic shared memory (`extern __shared__ float smem[]` in the kernels): CTAs run one at a time.
 float smem[std::max(backward_shared_memory<128>(), backward_shared_memory<256>()) / sizeof(float)];
 }  // namespace simt
+namespace mma_forward {
+alignas(16) unsigned char smem[shared_memory<__half, 256>()];
+}  // namespace mma_forward
+namespace mma_backward {
+alignas(16) unsigned char smem[shared_memory<__half, 256>()];
+}  // namespace mma_backward
 
 namespace {
 
 using namespace host;
 
-host::Kernels emulated_kernels(uint64_t seed) {
+host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
   host::Kernels kernels;
-  kernels.forward = [seed](const AttentionParams& p, DType dtype, int head_dim) {
-    const bool launched = simt::with_config(dtype, head_dim, [&]<typename T, int D>() {
-      static_assert(simt::forward_shared_memory<D>() <= sizeof(simt::smem));
-      const int tiles = simt::query_tiles<D>(p);
-      const dim3 grid(static_cast<unsigned>(p.batch * p.heads * tiles), p.num_splits);
-      emulator::launch(grid, dim3(simt::kThreads), [&] { simt::simt_forward_kernel<T, D>(p, tiles); }, seed);
-    });
+  kernels.forward = [=](const AttentionParams& p, DType dtype, int head_dim) {
+    const bool launched =
+        tensor_cores
+            ? with_tensor_core_config(dtype, head_dim,
+                                      [&]<typename T, int D>() {
+                                        static_assert(mma_forward::shared_memory<T, D>() <= sizeof(mma_forward::smem));
+                                        emulator::launch(mma_forward::grid(p), dim3(mma_forward::kThreads),
+                                                         [&] { mma_forward::attention_forward_kernel<T, D>(p); },
+                                                         seed);
+                                      })
+            : with_simt_config(dtype, head_dim, [&]<typename T, int D>() {
+                static_assert(simt::forward_shared_memory<D>() <= sizeof(simt::smem));
+                const int tiles = simt::query_tiles<D>(p);
+                const dim3 grid(static_cast<unsigned>(p.batch * p.heads * tiles), p.num_splits);
+                emulator::launch(grid, dim3(simt::kThreads), [&] { simt::simt_forward_kernel<T, D>(p, tiles); }, seed);
+              });
     if (launched && p.num_splits > 1) {
-      simt::with_config(dtype, head_dim, [&]<typename T, int D>() {
+      with_dtype(dtype, [&]<typename T>() {
         const dim3 grid(static_cast<unsigned>(p.batch * p.heads * p.num_queries));
-        emulator::launch(grid, dim3(64), [&] { detail::combine_splits_kernel<T>(p); }, seed);
+        emulator::launch(grid, dim3(kCombineThreads), [&] { detail::combine_splits_kernel<T>(p); }, seed);
       });
     }
     return launched;
   };
-  kernels.backward = [seed](const BackwardParams& p, DType dtype, int head_dim) {
-    return simt::with_config(dtype, head_dim, [&]<typename T, int D>() {
+  kernels.backward = [=](const BackwardParams& p, DType dtype, int head_dim) {
+    if (tensor_cores) {
+      return with_tensor_core_config(dtype, head_dim, [&]<typename T, int D>() {
+        static_assert(mma_backward::shared_memory<T, D>() <= sizeof(mma_backward::smem));
+        emulator::launch(mma_backward::grid<D>(p), dim3(mma_backward::kThreads),
+                         [&] { mma_backward::attention_backward_kernel<T, D>(p); }, seed);
+      });
+    }
+    return with_simt_config(dtype, head_dim, [&]<typename T, int D>() {
       static_assert(simt::backward_shared_memory<D>() <= sizeof(simt::smem));
       const int tiles = simt::key_tiles<D>(p);
       const dim3 grid(static_cast<unsigned>(p.batch * p.heads * tiles));
@@ -56,11 +84,10 @@ host::Kernels emulated_kernels(uint64_t seed) {
   };
   kernels.rotate_back = [seed](const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,
                                int heads, int head_dim, int rotary_dim, bool interleaved, DType dtype) {
-    simt::with_config(dtype, head_dim, [&]<typename T, int D>() {
+    with_dtype(dtype, [&]<typename T>() {
       const dim3 grid(static_cast<unsigned>(batch * n * heads));
-      const dim3 threads(head_dim >= 128 ? 128 : 64);  // as launch_rotate_back
       emulator::launch(
-          grid, threads,
+          grid, dim3(rotate_back_threads(head_dim)),
           [&] {
             detail::rotate_back_kernel<T>(grad, static_cast<T*>(out), rope, rope_batch, n, heads, head_dim,
                                           rotary_dim, interleaved);
@@ -68,6 +95,7 @@ host::Kernels emulated_kernels(uint64_t seed) {
           seed);
     });
   };
+  kernels.aligned_rows = tensor_cores;
   return kernels;
 }
 
@@ -79,11 +107,11 @@ std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q_arg, const a
                                                 const std::optional<at::Tensor>& q_rope,
                                                 const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
                                                 bool rotary_interleaved, bool causal, double scale,
-                                                int64_t num_splits, int64_t seed) {
+                                                int64_t num_splits, bool tensor_cores, int64_t seed) {
   const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
   const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
   return attention_forward(q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale,
-                           num_splits, emulated_kernels(static_cast<uint64_t>(seed)));
+                           num_splits, emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
@@ -92,12 +120,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
-    int64_t num_splits, int64_t seed) {
+    int64_t num_splits, bool tensor_cores, int64_t seed) {
   (void)num_splits;
   const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
   const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
   return attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, checked, rotary_dim,
-                            rotary_interleaved, causal, scale, emulated_kernels(static_cast<uint64_t>(seed)));
+                            rotary_interleaved, causal, scale,
+                            emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
 }
 
 }  // namespace
@@ -106,11 +135,11 @@ TORCH_LIBRARY(perceiver_kernels_emulation, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_lengths, "
       "Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, int rotary_dim, bool rotary_interleaved, bool causal, "
-      "float scale, int num_splits, int seed) -> (Tensor, Tensor)");
+      "float scale, int num_splits, bool tensor_cores, int seed) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? kv_lengths, Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, "
-      "int rotary_dim, bool rotary_interleaved, bool causal, float scale, int num_splits, int seed) "
+      "int rotary_dim, bool rotary_interleaved, bool causal, float scale, int num_splits, bool tensor_cores, int seed) "
       "-> (Tensor, Tensor, Tensor)");
 }
 

@@ -1,7 +1,11 @@
-// A CPU emulation of the CUDA execution model, just wide enough for the SIMT kernels
-// (csrc/simt_kernels.cuh) and the small kernels after them (csrc/finish_kernels.cuh): CTAs run one after
-// another; inside a CTA every thread is a fiber (ucontext) with its own threadIdx, and the fibers switch
-// only at barriers: __syncthreads, __syncwarp and the warp shuffles built on them.
+// A CPU emulation of the CUDA execution model, just wide enough for the CUDA backend's kernels: the SIMT
+// ones (csrc/simt_kernels.cuh), the tensor-core ones (csrc/attention_fwd.cuh, attention_bwd.cuh) and the
+// small kernels after them (csrc/finish_kernels.cuh). CTAs run one after another; inside a CTA every
+// thread is a fiber (ucontext) with its own threadIdx, and the fibers switch only at barriers:
+// __syncthreads, __syncwarp, and the warp-collective operations built on warp barriers (shuffles,
+// mma.sync.m16n8k16 and ldmatrix, emulated from their PTX fragment definitions). cp.async copies are queued
+// per thread and land only at the cp.async.wait_group that must wait for them, the latest the PTX allows,
+// so a tile read before its wait reads stale data.
 //
 // What it checks that a reading cannot: indexing, masks, tile ranges, the placement of barriers. Every
 // barrier records the source line it is called from: threads of one CTA waiting at different
@@ -21,7 +25,10 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
+#include <cstring>
+#include <type_traits>
 #include <cstdint>
 #include <functional>
 #include <numeric>
@@ -43,6 +50,13 @@ struct Fiber {
   State state = State::kReady;
   uint3 thread;
   int line = 0;  // the source line of the barrier this fiber waits at
+  struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;
+  };
+  std::vector<Copy> open_group;                // cp.async copies not yet committed
+  std::vector<std::vector<Copy>> groups;       // committed groups, oldest first, not yet landed
 };
 
 // The CTA being run: its fibers, the scheduler's context, the warp-shuffle mailboxes.
@@ -53,6 +67,8 @@ struct Block {
   uint3 index;
   dim3 dim;
   std::vector<float> mailbox;  // one float per thread
+  std::vector<const void*> pointers;           // ldmatrix row addresses, one per thread
+  std::vector<std::array<uint32_t, 6>> fragments;  // mma.sync A (4) and B (2) registers, one set per thread
   const std::function<void()>* body = nullptr;
 };
 
@@ -132,10 +148,14 @@ inline void run_block(uint3 index, dim3 dim, const std::function<void()>& body, 
   b.body = &body;
   b.fibers.resize(threads);
   b.mailbox.assign(threads, 0.f);
+  b.pointers.assign(threads, nullptr);
+  b.fragments.assign(threads, {});
   for (int t = 0; t < threads; ++t) {
     Fiber& f = b.fibers[t];
     f.stack.resize(kStackBytes);
     f.state = Fiber::State::kReady;
+    f.open_group.clear();
+    f.groups.clear();
     f.thread = uint3{static_cast<unsigned>(t % dim.x), static_cast<unsigned>(t / dim.x % dim.y),
                      static_cast<unsigned>(t / (dim.x * dim.y))};
     getcontext(&f.context);
@@ -177,7 +197,8 @@ inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body, u
 }  // namespace emulator
 
 // The CUDA builtins the kernels use. (__launch_bounds__ is only a hint; the shared-address conversion is
-// for the tensor-core kernels' cp.async/ldmatrix, declared in device_utils.cuh but never run here.)
+// for the inline-PTX forms of cp.async/ldmatrix, which device_utils.cuh replaces by the ones above.)
+#define PERCEIVER_KERNELS_EMULATION 1
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
@@ -196,6 +217,96 @@ inline float shfl_xor(int line, float value, int lane_mask) {
   const float other = b.mailbox[(me & ~31) | ((me & 31) ^ lane_mask)];
   wait(Fiber::State::kAtWarpBarrier, -line);  // nobody overwrites a mailbox before every lane has read
   return other;
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, (valid ? 16 : 0): queued until a wait lands it.
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    throw std::runtime_error("emulator: cp.async of 16 bytes between addresses that are not 16-byte aligned");
+  }
+  block().fibers[block().current].open_group.push_back({dst, src, valid});
+}
+
+inline void cp_async_commit() {
+  Fiber& f = block().fibers[block().current];
+  f.groups.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+// cp.async.wait_group n: every committed group but the n most recent has landed.
+inline void cp_async_wait(int n) {
+  Fiber& f = block().fibers[block().current];
+  while (static_cast<int>(f.groups.size()) > n) {
+    for (const Fiber::Copy& c : f.groups.front()) {
+      if (c.valid) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    f.groups.erase(f.groups.begin());
+  }
+}
+
+inline uint16_t low_half(uint32_t r) { return static_cast<uint16_t>(r & 0xffff); }
+inline uint16_t high_half(uint32_t r) { return static_cast<uint16_t>(r >> 16); }
+
+template <typename T>
+float to_float(uint16_t bits) {
+  T value;
+  std::memcpy(&value, &bits, sizeof(bits));
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(value);
+  } else {
+    return __bfloat162float(value);
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16: lanes 8m..8m+7 give the addresses of rows 0..7 of
+// matrix m (8 consecutive 16-bit elements each); lane i receives, in register m, the elements (row
+// 2 (i % 4), column i / 4) and (row 2 (i % 4) + 1, column i / 4), the first in the low half.
+inline void ldmatrix_x2_trans(uint32_t (&frag)[2], const void* row_address) {
+  Block& b = block();
+  const int me = b.current, lane = me & 31, warp = me & ~31;
+  b.pointers[me] = row_address;
+  wait(Fiber::State::kAtWarpBarrier, __LINE__);
+  for (int m = 0; m < 2; ++m) {
+    const auto* first = static_cast<const uint16_t*>(b.pointers[warp + 8 * m + 2 * (lane % 4)]);
+    const auto* second = static_cast<const uint16_t*>(b.pointers[warp + 8 * m + 2 * (lane % 4) + 1]);
+    frag[m] = static_cast<uint32_t>(first[lane / 4]) | (static_cast<uint32_t>(second[lane / 4]) << 16);
+  }
+  wait(Fiber::State::kAtWarpBarrier, -__LINE__);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: C (16x8, float32) += A (16x16) B (16x8), every lane
+// holding its fragments (g = lane / 4, t = lane % 4; a register's low half is the lower column):
+//   A: a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B: b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C: c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1)
+template <typename T>
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b_frag)[2]) {
+  Block& b = block();
+  const int me = b.current, lane = me & 31, warp = me & ~31;
+  b.fragments[me] = {a[0], a[1], a[2], a[3], b_frag[0], b_frag[1]};
+  wait(Fiber::State::kAtWarpBarrier, __LINE__);
+  auto element_a = [&](int row, int k) {
+    const uint32_t r = b.fragments[warp + (row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    return to_float<T>(k % 2 ? high_half(r) : low_half(r));
+  };
+  auto element_b = [&](int k, int n) {
+    const uint32_t r = b.fragments[warp + n * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)];
+    return to_float<T>(k % 2 ? high_half(r) : low_half(r));
+  };
+  const int g = lane / 4, t = lane % 4;
+  float result[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), n = 2 * t + e % 2;
+    float sum = c[e];
+    for (int k = 0; k < 16; ++k) sum += element_a(row, k) * element_b(k, n);
+    result[e] = sum;
+  }
+  wait(Fiber::State::kAtWarpBarrier, -__LINE__);  // every lane has read the fragments
+  for (int e = 0; e < 4; ++e) c[e] = result[e];
 }
 
 }  // namespace emulator
