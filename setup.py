@@ -56,6 +56,7 @@ def _extension() -> dict:
             extension = CUDAExtension(
                 "perceiver_kernels._C",
                 sources=[f"csrc/{name}" for name in settings.SOURCES],
+                depends=[f"csrc/{p.name}" for p in sorted((ROOT / "csrc").glob("*.*h"))],  # headers: rebuild on change
                 include_dirs=[str(ROOT / "csrc"), *settings.include_dirs()],
                 define_macros=[("PERCEIVER_KERNELS_PYTHON_MODULE", None)],
                 extra_compile_args={"cxx": settings.COMMON_FLAGS, "nvcc": settings.CUDA_FLAGS + settings.arch_flags()},
