@@ -64,6 +64,17 @@ struct BackwardParams : CommonParams {
   int64_t dq_batch_stride, dq_row_stride, dq_head_stride;  // dq_batch_stride 0 with a broadcast query
 };
 
+// The backward's row term, before its kernels: delta (B, H, Nq) = rowsum(dO * O) - dlse, in float32.
+struct DeltaParams {
+  const void* grad_out;   // (B, Nq, H, Dv), unit last-dim stride
+  const void* out;        // (B, Nq, H, Dv), unit last-dim stride
+  const float* grad_lse;  // (B, H, Nq) contiguous, or null
+  float* delta;           // (B, H, Nq) contiguous
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int batch, heads, num_queries, head_dim_v;
+};
+
 enum class DType { kFloat16, kBFloat16, kFloat32 };
 
 // The tensor-core kernels (attention_fwd.cu, attention_bwd.cu): float16/bfloat16, head dims that are
@@ -84,6 +95,8 @@ bool launch_attention_backward_simt(const BackwardParams& params, DType dtype, i
 // Merges split-KV partials (params.out_partial, params.lse_partial) into params.out and params.lse.
 void launch_combine_splits(const AttentionParams& params, DType dtype, cudaStream_t stream);
 
+// DeltaParams::delta from grad_out and out (of dtype), one warp per row.
+void launch_delta(const DeltaParams& params, DType dtype, cudaStream_t stream);
 // out (Bg, N, H, D) = the inverse rotation of grad (float32, same shape, contiguous) by rope (2, Bt, N, R/2),
 // cast to dtype; channels >= rotary_dim are copied. Turns gradients computed in the rotated frame back.
 void launch_rotate_back(const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,

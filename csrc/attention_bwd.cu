@@ -1,4 +1,5 @@
-// Launches of the tensor-core backward (attention_bwd.cuh) and of the rotary turn-back (finish_kernels.cuh).
+// Launches of the tensor-core backward (attention_bwd.cuh) and of the kernels around it (finish_kernels.cuh):
+// delta before, the rotary turn-back after.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +28,16 @@ void run_backward(const BackwardParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void launch_delta(const DeltaParams& p, DType dtype, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_queries * p.heads;
+  if (rows == 0) return;
+  const unsigned ctas = static_cast<unsigned>((rows + detail::kDeltaRowsPerCta - 1) / detail::kDeltaRowsPerCta);
+  with_dtype(dtype, [&]<typename T>() {
+    detail::delta_kernel<T><<<ctas, 32 * detail::kDeltaRowsPerCta, 0, stream>>>(p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void launch_rotate_back(const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,
                         int heads, int head_dim, int rotary_dim, bool interleaved, DType dtype, cudaStream_t stream) {

@@ -1,6 +1,7 @@
-// Small kernels that finish what the attention kernels of both families (tensor-core and SIMT) leave:
-// the split-KV combine and the inverse rotation of gradients computed in the rotated frame. Headers, so
-// that the CPU emulation of the SIMT path (tests/simt_emulation) runs these very kernels too.
+// Small kernels around the attention kernels of both families (tensor-core and SIMT): the backward's row
+// term delta before them, and after them the split-KV combine and the inverse rotation of gradients
+// computed in the rotated frame. A header, so that the CPU emulation (tests/simt_emulation) runs these
+// very kernels too.
 #pragma once
 
 #include <cmath>
@@ -11,6 +12,33 @@
 
 namespace perceiver_kernels {
 namespace detail {
+
+constexpr int kDeltaRowsPerCta = 4;  // one warp per row
+
+// delta[(b * H + h) * Nq + i] = sum_d dO[b, i, h, d] O[b, i, h, d] - dlse[(b * H + h) * Nq + i], in float32,
+// reading dO and O once in their dtype (instead of materialising float32 copies of both). Rows are taken
+// in memory order ((b * Nq + i) * H + h), so a CTA reads contiguous rows.
+template <typename T>
+__global__ void delta_kernel(const DeltaParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaRowsPerCta + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= static_cast<int64_t>(p.batch) * p.num_queries * p.heads) return;  // a whole warp
+  const int h = static_cast<int>(row % p.heads);
+  const int64_t sample_row = row / p.heads;
+  const int i = static_cast<int>(sample_row % p.num_queries);
+  const int64_t b = sample_row / p.num_queries;
+  const T* dout =
+      static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + i * p.do_row_stride + h * p.do_head_stride;
+  const T* out =
+      static_cast<const T*>(p.out) + b * p.out_batch_stride + i * p.out_row_stride + h * p.out_head_stride;
+  float sum = 0.f;
+  for (int d = lane; d < p.head_dim_v; d += 32) sum += Types<T>::to_float(dout[d]) * Types<T>::to_float(out[d]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
+  if (lane != 0) return;
+  const int64_t index = (b * p.heads + h) * p.num_queries + i;
+  p.delta[index] = p.grad_lse == nullptr ? sum : sum - p.grad_lse[index];
+}
 
 // Merges the splits of one (batch, head, row): weights exp(lse_s - max lse), normalised.
 template <typename T>

@@ -204,6 +204,7 @@ struct Kernels {
   // and padded head dim.
   std::function<bool(const AttentionParams&, DType, int padded_head_dim)> forward;
   std::function<bool(const BackwardParams&, DType, int padded_head_dim)> backward;
+  std::function<void(const DeltaParams&, DType)> delta;
   // launch_rotate_back's arguments, without the stream.
   std::function<void(const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n, int heads,
                      int head_dim, int rotary_dim, bool interleaved, DType dtype)>
@@ -286,14 +287,31 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   if (key_axis == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};  // nothing gathered
   if (num_queries == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};
 
-  // delta = rowsum(dO * O) - dlse, per (b, h, query): the softmax backward's row term (one fused pass
-  // of ATen ops on the current stream).
-  auto delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).permute({0, 2, 1});
-  if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
-  delta = delta.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dout = with_unit_last_dim(grad_out);  // e.g. the zero-stride gradient of out.sum()
   if (kernels.aligned_rows && !rows_16_byte_aligned(dout)) dout = grad_out.clone(at::MemoryFormat::Contiguous);
+
+  // delta = rowsum(dO * O) - dlse, per (b, h, query): the softmax backward's row term.
+  const DType dtype = dtype_of(q);
+  const at::Tensor out_rows = with_unit_last_dim(out);
+  const at::Tensor dlse = grad_lse.has_value() ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
+  auto delta = at::empty({batch, heads, num_queries}, q.options().dtype(at::kFloat));
+  DeltaParams dp{};
+  dp.grad_out = dout.data_ptr();
+  dp.out = out_rows.data_ptr();
+  dp.grad_lse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  dp.delta = delta.data_ptr<float>();
+  dp.do_batch_stride = dout.stride(0);
+  dp.do_row_stride = dout.stride(1);
+  dp.do_head_stride = dout.stride(2);
+  dp.out_batch_stride = out_rows.stride(0);
+  dp.out_row_stride = out_rows.stride(1);
+  dp.out_head_stride = out_rows.stride(2);
+  dp.batch = static_cast<int>(batch);
+  dp.heads = static_cast<int>(heads);
+  dp.num_queries = static_cast<int>(num_queries);
+  dp.head_dim_v = static_cast<int>(head_dim_v);
+  kernels.delta(dp, dtype);
 
   BackwardParams p{};
   fill_common(p, q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale);
@@ -316,7 +334,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                                : at::empty({batch, num_keys, heads, head_dim_qk}, float_options);
     p.dk_float = dk_float.data_ptr<float>();
   }
-  const DType dtype = dtype_of(q);
   const bool launched = kernels.backward(p, dtype, padded_head_dim(head_dim_qk, head_dim_v));
   TORCH_CHECK(launched, kOp, "no backward kernel compiled for head dims ", head_dim_qk, "/", head_dim_v);
   if (rotary_dim == 0) return {dq_accum.to(q.scalar_type()), dk, dv};

@@ -57,6 +57,7 @@ Kernels cuda_kernels(bool tensor_cores) {
     return tensor_cores ? launch_attention_backward(p, dtype, head_dim, stream)
                         : launch_attention_backward_simt(p, dtype, head_dim, stream);
   };
+  kernels.delta = [](const DeltaParams& p, DType dtype) { launch_delta(p, dtype, at::cuda::getCurrentCUDAStream()); };
   kernels.rotate_back = [](const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,
                            int heads, int head_dim, int rotary_dim, bool interleaved, DType dtype) {
     launch_rotate_back(grad, out, rope, rope_batch, batch, n, heads, head_dim, rotary_dim, interleaved, dtype,

@@ -82,6 +82,13 @@ host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
       emulator::launch(grid, dim3(simt::kThreads), [&] { simt::simt_backward_kernel<T, D>(p, tiles); }, seed);
     });
   };
+  kernels.delta = [seed](const DeltaParams& p, DType dtype) {
+    const int64_t rows = static_cast<int64_t>(p.batch) * p.num_queries * p.heads;
+    const dim3 grid(static_cast<unsigned>((rows + detail::kDeltaRowsPerCta - 1) / detail::kDeltaRowsPerCta));
+    with_dtype(dtype, [&]<typename T>() {
+      emulator::launch(grid, dim3(32 * detail::kDeltaRowsPerCta), [&] { detail::delta_kernel<T>(p); }, seed);
+    });
+  };
   kernels.rotate_back = [seed](const float* grad, void* out, const float* rope, int rope_batch, int64_t batch, int n,
                                int heads, int head_dim, int rotary_dim, bool interleaved, DType dtype) {
     with_dtype(dtype, [&]<typename T>() {
