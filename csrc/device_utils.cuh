@@ -25,6 +25,13 @@ __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
+#ifdef PERCEIVER_KERNELS_EMULATION
+// The emulator names each warp-collective call by its call site in the kernel: its barrier identity.
+#define PERCEIVER_KERNELS_CALL_SITE , const std::source_location &call_site = std::source_location::current()
+#else
+#define PERCEIVER_KERNELS_CALL_SITE
+#endif
+
 // 16-byte global -> shared copy; `valid == false` writes 16 zero bytes instead (src-size 0 reads nothing).
 // With PERCEIVER_KERNELS_EMULATION (the CPU emulation in tests/simt_emulation) the four primitives below
 // and mma.sync are the emulator's implementations of their PTX definitions instead of inline PTX.
@@ -57,9 +64,10 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Two 8x8 16-bit matrices, transposed: thread i gets rows 2(i%4), 2(i%4)+1 of column i/4 of each, which
 // is the B fragment (k16 x n8, "col") of mma.m16n8k16 when the rows are keys and the columns head dims.
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&frag)[2], const void* row_address) {
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&frag)[2],
+                                                  const void* row_address PERCEIVER_KERNELS_CALL_SITE) {
 #ifdef PERCEIVER_KERNELS_EMULATION
-  emulator::ldmatrix_x2_trans(frag, row_address);
+  emulator::ldmatrix_x2_trans(frag, row_address, emulator::site_of(call_site));
 #else
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(frag[0]), "=r"(frag[1])
@@ -78,9 +86,10 @@ struct Types<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2] PERCEIVER_KERNELS_CALL_SITE) {
 #ifdef PERCEIVER_KERNELS_EMULATION
-    emulator::mma_m16n8k16<__half>(c, a, b);
+    emulator::mma_m16n8k16<__half>(c, a, b, emulator::site_of(call_site));
 #else
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -99,9 +108,10 @@ struct Types<__nv_bfloat16> {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2] PERCEIVER_KERNELS_CALL_SITE) {
 #ifdef PERCEIVER_KERNELS_EMULATION
-    emulator::mma_m16n8k16<__nv_bfloat16>(c, a, b);
+    emulator::mma_m16n8k16<__nv_bfloat16>(c, a, b, emulator::site_of(call_site));
 #else
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "

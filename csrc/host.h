@@ -37,6 +37,19 @@ inline bool rows_16_byte_aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
+// Whether the tensor-core kernels take these inputs: 16-bit, head dims that are multiples of 8 in 16-byte
+// rows, query and key blocks of 64 within the grid's y axis, and (head dims above 128) a GPU that gives a
+// CTA kTensorCoreWideHeadSharedMemory bytes (shared_memory_optin). Everything else runs on the SIMT kernels.
+inline bool tensor_core_eligible(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t key_axis,
+                                 size_t shared_memory_optin) {
+  if (q.scalar_type() == at::kFloat) return false;
+  const int64_t head_dim_qk = k.size(3), head_dim_v = v.size(3);
+  if (head_dim_qk % 8 != 0 || head_dim_v % 8 != 0) return false;
+  if (!rows_16_byte_aligned(q) || !rows_16_byte_aligned(k) || !rows_16_byte_aligned(v)) return false;
+  if ((q.size(1) + 63) / 64 > 65535 || (key_axis + 63) / 64 > 65535) return false;
+  return std::max(head_dim_qk, head_dim_v) <= 128 || shared_memory_optin >= kTensorCoreWideHeadSharedMemory;
+}
+
 inline int padded_head_dim(int64_t head_dim_qk, int64_t head_dim_v) {
   const int64_t widest = std::max(head_dim_qk, head_dim_v);
   return widest <= 32 ? 32 : (widest <= 64 ? 64 : (widest <= 128 ? 128 : 256));

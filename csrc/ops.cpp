@@ -27,21 +27,10 @@ namespace {
 
 using namespace host;
 
-// Which kernels run these (checked) inputs: the tensor-core ones where they can (16-bit, head dims that
-// are multiples of 8, 16-byte rows, query and key blocks of 64 within the grid's y axis, enough shared
-// memory for their tiles at head dims above 128), else the SIMT ones (attention_simt.cu). Both the
-// forward and the backward decide by this, on the same inputs.
+// Which kernel family runs these (checked) inputs on the current GPU; the forward and the backward both
+// decide by this, on the same inputs.
 bool use_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t key_axis) {
-  if (q.scalar_type() == at::kFloat) return false;
-  const int64_t head_dim_qk = k.size(3), head_dim_v = v.size(3);
-  if (head_dim_qk % 8 != 0 || head_dim_v % 8 != 0) return false;
-  if (!rows_16_byte_aligned(q) || !rows_16_byte_aligned(k) || !rows_16_byte_aligned(v)) return false;
-  if ((q.size(1) + 63) / 64 > 65535 || (key_axis + 63) / 64 > 65535) return false;
-  if (std::max(head_dim_qk, head_dim_v) > 128 &&
-      at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < kTensorCoreWideHeadSharedMemory) {
-    return false;
-  }
-  return true;
+  return tensor_core_eligible(q, k, v, key_axis, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
 
 // The CUDA launches on the current stream: the tensor-core kernels or the SIMT ones.

@@ -41,6 +41,11 @@ namespace {
 
 using namespace host;
 
+template <typename Array>
+emulator::SharedMemory shared(Array& array, size_t bytes) {
+  return {array, sizeof(array), bytes};
+}
+
 host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
   host::Kernels kernels;
   kernels.forward = [=](const AttentionParams& p, DType dtype, int head_dim) {
@@ -48,20 +53,20 @@ host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
         tensor_cores
             ? with_tensor_core_config(dtype, head_dim,
                                       [&]<typename T, int D>() {
-                                        static_assert(mma_forward::shared_memory<T, D>() <= sizeof(mma_forward::smem));
                                         emulator::launch(mma_forward::grid(p), dim3(mma_forward::kThreads),
                                                          [&] { mma_forward::attention_forward_kernel<T, D>(p); },
-                                                         seed);
+                                                         seed,
+                                                         shared(mma_forward::smem, mma_forward::shared_memory<T, D>()));
                                       })
             : with_simt_config(dtype, head_dim, [&]<typename T, int D>() {
-                static_assert(simt::forward_shared_memory<D>() <= sizeof(simt::smem));
                 const int tiles = simt::query_tiles<D>(p);
-                const dim3 grid(static_cast<unsigned>(p.batch * p.heads * tiles), p.num_splits);
-                emulator::launch(grid, dim3(simt::kThreads), [&] { simt::simt_forward_kernel<T, D>(p, tiles); }, seed);
+                const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.heads * tiles), p.num_splits);
+                emulator::launch(grid, dim3(simt::kThreads), [&] { simt::simt_forward_kernel<T, D>(p, tiles); }, seed,
+                                 shared(simt::smem, simt::forward_shared_memory<D>()));
               });
     if (launched && p.num_splits > 1) {
       with_dtype(dtype, [&]<typename T>() {
-        const dim3 grid(static_cast<unsigned>(p.batch * p.heads * p.num_queries));
+        const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.heads * p.num_queries));
         emulator::launch(grid, dim3(kCombineThreads), [&] { detail::combine_splits_kernel<T>(p); }, seed);
       });
     }
@@ -70,16 +75,16 @@ host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
   kernels.backward = [=](const BackwardParams& p, DType dtype, int head_dim) {
     if (tensor_cores) {
       return with_tensor_core_config(dtype, head_dim, [&]<typename T, int D>() {
-        static_assert(mma_backward::shared_memory<T, D>() <= sizeof(mma_backward::smem));
         emulator::launch(mma_backward::grid<D>(p), dim3(mma_backward::kThreads),
-                         [&] { mma_backward::attention_backward_kernel<T, D>(p); }, seed);
+                         [&] { mma_backward::attention_backward_kernel<T, D>(p); }, seed,
+                         shared(mma_backward::smem, mma_backward::shared_memory<T, D>()));
       });
     }
     return with_simt_config(dtype, head_dim, [&]<typename T, int D>() {
-      static_assert(simt::backward_shared_memory<D>() <= sizeof(simt::smem));
       const int tiles = simt::key_tiles<D>(p);
-      const dim3 grid(static_cast<unsigned>(p.batch * p.heads * tiles));
-      emulator::launch(grid, dim3(simt::kThreads), [&] { simt::simt_backward_kernel<T, D>(p, tiles); }, seed);
+      const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.heads * tiles));
+      emulator::launch(grid, dim3(simt::kThreads), [&] { simt::simt_backward_kernel<T, D>(p, tiles); }, seed,
+                       shared(simt::smem, simt::backward_shared_memory<D>()));
     });
   };
   kernels.delta = [seed](const DeltaParams& p, DType dtype) {
@@ -106,6 +111,14 @@ host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
   return kernels;
 }
 
+// The tests force a family; the tensor-core one only where ops.cpp would choose it (on an H100).
+void check_family(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Checked& checked,
+                  bool tensor_cores) {
+  const int64_t key_axis = checked.index.defined() ? checked.index.size(1) : k.size(1);
+  TORCH_CHECK(!tensor_cores || tensor_core_eligible(q, k, v, key_axis, emulator::kMaxSharedMemoryPerBlock),
+              "emulation: the tensor-core kernels were asked for inputs ops.cpp would give the SIMT ones");
+}
+
 std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q_arg, const at::Tensor& k_arg,
                                                 const at::Tensor& v_arg,
                                                 const std::optional<at::Tensor>& key_padding_mask,
@@ -117,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q_arg, const a
                                                 int64_t num_splits, bool tensor_cores, int64_t seed) {
   const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
   const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
+  check_family(q, k, v, checked, tensor_cores);
   return attention_forward(q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale,
                            num_splits, emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
 }
@@ -131,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
   (void)num_splits;
   const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
   const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
+  check_family(q, k, v, checked, tensor_cores);
   return attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, checked, rotary_dim,
                             rotary_interleaved, causal, scale,
                             emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
