@@ -78,13 +78,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   const int length = axis.length;
   const float scale_log2 = p.scale * kLog2e;
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const T* do_base = static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride;
-  float* dq_base = p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride;
-  const float* lse_base = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
-  const float* delta_base = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
+  const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
+  const auto [do_base, dq_base, lse_base, delta_base] = head_gradients<T>(p, b, h);
 
   // This CTA's slice of the head dims for dK, dV and dQ (S and dP always use all of them): D = 256 is
   // split into two CTAs (blockIdx.z) of 128, so the accumulators stay at 128 dims per thread.

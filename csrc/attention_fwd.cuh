@@ -84,9 +84,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   int tile_begin, tile_end;
   forward_key_tiles(p, axis, m0, kBlockM, kBlockN, split, p.num_splits, tile_begin, tile_end);
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
   const float scale_log2 = p.scale * kLog2e;
 
   load_tile<T, D, kBlockM, kThreads>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);

@@ -215,6 +215,37 @@ __device__ __forceinline__ int valid_length(const int64_t* kv_lengths, int b, in
   return static_cast<int>(given < 0 ? 0 : (given > num_keys ? num_keys : given));
 }
 
+// One (batch, head)'s row 0 of q, k and v (q's batch stride is 0 for a query broadcast over the batch).
+template <typename T>
+struct HeadInputs {
+  const T* q;
+  const T* k;
+  const T* v;
+};
+
+template <typename T>
+__device__ __forceinline__ HeadInputs<T> head_inputs(const CommonParams& p, int b, int h) {
+  return {static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride,
+          static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride,
+          static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride};
+}
+
+// ... and the backward's: row 0 of dO and of the float32 dQ accumulator, and the (b, h) rows of lse, delta.
+template <typename T>
+struct HeadGradients {
+  const T* grad_out;
+  float* dq;
+  const float* lse;
+  const float* delta;
+};
+
+template <typename T>
+__device__ __forceinline__ HeadGradients<T> head_gradients(const BackwardParams& p, int b, int h) {
+  const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
+  return {static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride,
+          p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride, p.lse + row, p.delta + row};
+}
+
 // The key axis of sample b: the memory rows of k, or (prefix dropout) the rows its kv_index row gathers.
 struct KeyAxis {
   const int64_t* index;  // this sample's kv_index row, or null

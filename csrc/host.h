@@ -162,6 +162,24 @@ inline Checked check_all(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return c;
 }
 
+// The op's inputs as the flows below take them: q, k, v with unit last-dim strides (copied where needed),
+// checked, and the length of the (gathered) key axis.
+struct Prepared {
+  at::Tensor q, k, v;
+  Checked checked;
+  int64_t key_axis;
+};
+
+inline Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
+                        const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
+                        const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, double scale) {
+  Prepared in{with_unit_last_dim(q), with_unit_last_dim(k), with_unit_last_dim(v), {}, 0};
+  in.checked = check_all(in.q, in.k, in.v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
+  in.key_axis = in.checked.index.defined() ? in.checked.index.size(1) : in.k.size(1);
+  return in;
+}
+
 // The fields both ops set the same way.
 inline void fill_common(CommonParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& key_padding_mask, const Checked& c, int64_t rotary_dim,

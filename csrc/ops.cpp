@@ -67,12 +67,11 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits) {
   check_cuda(q_arg, k_arg, v_arg);
-  const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
-  const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t key_axis = checked.index.defined() ? checked.index.size(1) : k.size(1);
-  return attention_forward(q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale,
-                           num_splits, cuda_kernels(use_tensor_cores(q, k, v, key_axis)));
+  const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
+                              rotary_dim, scale);
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  return attention_forward(in.q, in.k, in.v, key_padding_mask, in.checked, rotary_dim, rotary_interleaved, causal,
+                           scale, num_splits, cuda_kernels(use_tensor_cores(in.q, in.k, in.v, in.key_axis)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
@@ -84,12 +83,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     int64_t num_splits) {
   (void)num_splits;  // the backward parallelises over key blocks; nothing to split
   check_cuda(q_arg, k_arg, v_arg);
-  const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
-  const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t key_axis = checked.index.defined() ? checked.index.size(1) : k.size(1);
-  return attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, checked, rotary_dim,
-                            rotary_interleaved, causal, scale, cuda_kernels(use_tensor_cores(q, k, v, key_axis)));
+  const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
+                              rotary_dim, scale);
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  return attention_backward(grad_out, grad_lse, in.q, in.k, in.v, out, lse, key_padding_mask, in.checked, rotary_dim,
+                            rotary_interleaved, causal, scale,
+                            cuda_kernels(use_tensor_cores(in.q, in.k, in.v, in.key_axis)));
 }
 
 }  // namespace

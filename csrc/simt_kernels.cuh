@@ -114,9 +114,7 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
   const float scale_log2 = p.scale * kLog2e;
   const int half = p.rotary_dim / 2;
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
 
   load_rows<T, D, kTile>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
   if (p.rotary_dim > 0) {
@@ -250,13 +248,8 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
   const float scale_log2 = p.scale * kLog2e;
   const int half = p.rotary_dim / 2;
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const T* do_base = static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride;
-  float* dq_base = p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride;
-  const float* lse_base = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
-  const float* delta_base = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
+  const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
+  const auto [do_base, dq_base, lse_base, delta_base] = head_gradients<T>(p, b, h);
 
   // Queries that can see any of these keys: all, or (causal) those at or after key n0's diagonal.
   const int diagonal = axis.length - p.num_queries;  // causal: query i sees key j iff j <= i + diagonal

@@ -112,10 +112,8 @@ host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
 }
 
 // The tests force a family; the tensor-core one only where ops.cpp would choose it (on an H100).
-void check_family(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Checked& checked,
-                  bool tensor_cores) {
-  const int64_t key_axis = checked.index.defined() ? checked.index.size(1) : k.size(1);
-  TORCH_CHECK(!tensor_cores || tensor_core_eligible(q, k, v, key_axis, emulator::kMaxSharedMemoryPerBlock),
+void check_family(const Prepared& in, bool tensor_cores) {
+  TORCH_CHECK(!tensor_cores || tensor_core_eligible(in.q, in.k, in.v, in.key_axis, emulator::kMaxSharedMemoryPerBlock),
               "emulation: the tensor-core kernels were asked for inputs ops.cpp would give the SIMT ones");
 }
 
@@ -128,11 +126,11 @@ std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q_arg, const a
                                                 const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
                                                 bool rotary_interleaved, bool causal, double scale,
                                                 int64_t num_splits, bool tensor_cores, int64_t seed) {
-  const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
-  const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
-  check_family(q, k, v, checked, tensor_cores);
-  return attention_forward(q, k, v, key_padding_mask, checked, rotary_dim, rotary_interleaved, causal, scale,
-                           num_splits, emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
+  const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
+                              rotary_dim, scale);
+  check_family(in, tensor_cores);
+  return attention_forward(in.q, in.k, in.v, key_padding_mask, in.checked, rotary_dim, rotary_interleaved, causal,
+                           scale, num_splits, emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
@@ -143,12 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits, bool tensor_cores, int64_t seed) {
   (void)num_splits;
-  const at::Tensor q = with_unit_last_dim(q_arg), k = with_unit_last_dim(k_arg), v = with_unit_last_dim(v_arg);
-  const Checked checked = check_all(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
-  check_family(q, k, v, checked, tensor_cores);
-  return attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, checked, rotary_dim,
-                            rotary_interleaved, causal, scale,
-                            emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
+  const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
+                              rotary_dim, scale);
+  check_family(in, tensor_cores);
+  return attention_backward(grad_out, grad_lse, in.q, in.k, in.v, out, lse, key_padding_mask, in.checked, rotary_dim,
+                            rotary_interleaved, causal, scale, emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
 }
 
 }  // namespace
