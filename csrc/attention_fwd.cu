@@ -6,6 +6,8 @@
 
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdint>
+
 #include "attention.h"
 #include "attention_fwd.cuh"
 #include "device_utils.cuh"
@@ -27,7 +29,7 @@ void run_forward(const AttentionParams& p, cudaStream_t stream) {
 }  // namespace
 
 void launch_combine_splits(const AttentionParams& p, DType dtype, cudaStream_t stream) {
-  const unsigned rows = static_cast<unsigned>(p.batch * p.heads * p.num_queries);
+  const unsigned rows = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.heads * p.num_queries);
   with_dtype(dtype, [&]<typename T>() { detail::combine_splits_kernel<T><<<rows, kCombineThreads, 0, stream>>>(p); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

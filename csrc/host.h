@@ -20,6 +20,7 @@ namespace perceiver_kernels {
 namespace host {
 
 constexpr const char* kOp = "perceiver_kernels::cuda_attention: ";
+constexpr int64_t kMaxRows = INT32_MAX - 256;  // rows of an axis, so that row + tile stays an int32
 
 inline std::string shape_of(const at::Tensor& t) { return c10::str(t.sizes()); }
 
@@ -83,12 +84,14 @@ inline at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(head_dim_qk >= 1 && head_dim_v >= 1 && head_dim_qk <= 256 && head_dim_v <= 256, kOp,
               "head dims must be between 1 and 256 on the CUDA backend, got Dqk=", head_dim_qk, ", Dv=", head_dim_v);
   // The kernels keep the running max of unscaled scores: a non-positive (or float-underflowing) scale
-  // would turn -inf masks into NaN. Python routes such calls to Triton (cuda_attention.unsupported_reason).
+  // would turn -inf masks into NaN. (Python refuses such calls first: cuda_attention.unsupported_reason.)
   TORCH_CHECK(static_cast<float>(scale) > 0 && std::isfinite(static_cast<float>(scale)), kOp,
               "the CUDA kernels need a positive float32 scale, got ", scale);
-  // Grid limits (int32 CTA counts along x): the split-KV combine launches B*H*Nq CTAs, the SIMT kernels
-  // B*H times the query or key tiles of 16 (or more). Blocks of 64 along y (<= 65535) are the tensor-core
-  // kernels', which use_tensor_cores() checks.
+  // Index limits: the kernels count rows in int32 (with a tile of slack), and launch int32 CTA counts along
+  // x: B*H*Nq for the split-KV combine, B*H times the query or key tiles of 16 for the SIMT kernels. Blocks
+  // of 64 along y (<= 65535) are the tensor-core kernels', which tensor_core_eligible() checks.
+  TORCH_CHECK(num_queries <= kMaxRows && num_keys <= kMaxRows, kOp, "Nq and Nk must be at most ", kMaxRows,
+              ", got ", num_queries, " and ", num_keys);
   TORCH_CHECK(batch * heads * std::max<int64_t>(num_queries, 1) <= INT32_MAX &&
                   batch * heads * ((std::max(num_queries, num_keys) + 15) / 16) <= INT32_MAX,
               kOp, "B * H * max(Nq, Nk) = ", batch * heads * std::max(num_queries, num_keys),
@@ -119,8 +122,8 @@ inline at::Tensor check_kv_index(const std::optional<at::Tensor>& kv_index, cons
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == k.size(0), kOp,
               "kv_index must be int64 (", k.size(0), ", Nk'), got ", t.scalar_type(), " ", shape_of(t));
   TORCH_CHECK(t.device() == k.device(), kOp, "kv_index must be on ", k.device());
-  TORCH_CHECK(k.size(0) * k.size(2) * ((t.size(1) + 15) / 16) <= INT32_MAX, kOp, "kv_index gathers ", t.size(1),
-              " keys per sample: B * H * Nk' exceeds the CUDA kernels' int32 grid");
+  TORCH_CHECK(t.size(1) <= kMaxRows && k.size(0) * k.size(2) * ((t.size(1) + 15) / 16) <= INT32_MAX, kOp,
+              "kv_index gathers ", t.size(1), " keys per sample: beyond the CUDA kernels' int32 rows and grid");
   TORCH_CHECK(k.size(1) > 0 || t.size(1) == 0, kOp, "kv_index gathers ", t.size(1), " rows from an empty k");
   return t.stride(1) == 1 ? t : t.contiguous();
 }
@@ -159,6 +162,11 @@ inline Checked check_all(const at::Tensor& q, const at::Tensor& k, const at::Ten
   c.k_table = check_rope(k_rope, "k_rope", rotary_dim, k.size(0), k.size(1), k.size(3), q);
   TORCH_CHECK(rotary_dim == 0 || q.size(0) == k.size(0) || c.q_table.size(1) == 1, kOp,
               "a broadcast (batch-1) q with per-sample q_rope must be expanded to the batch first");
+  // The rotary turn-back of dQ and dK launches one CTA per (sample, row, head): checked here, before any
+  // kernel of the backward is queued.
+  TORCH_CHECK(rotary_dim == 0 || k.size(0) * k.size(2) * std::max(q.size(1), k.size(1)) <= INT32_MAX, kOp,
+              "with rotary, B * H * max(Nq, Nk) = ", k.size(0) * k.size(2) * std::max(q.size(1), k.size(1)),
+              " exceeds the CUDA kernels' int32 grid");
   return c;
 }
 

@@ -58,6 +58,9 @@ Kernels cuda_kernels(bool tensor_cores) {
 
 void check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), kOp, "q, k and v must be CUDA tensors");
+  const cudaDeviceProp* device = at::cuda::getDeviceProperties(q.device().index());
+  TORCH_CHECK(device->major >= 8, kOp, "the CUDA kernels are built for compute capability 8.0 and newer, ",
+              device->name, " has ", device->major, ".", device->minor);
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(

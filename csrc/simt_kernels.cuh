@@ -5,7 +5,7 @@
 // Same contract and the same schedule as the tensor-core kernels (attention_fwd.cu, attention_bwd.cu), in
 // plain float32 arithmetic: every tile is converted to float32 in shared memory as it is loaded (rotary
 // applied there, rounded to the input dtype as a naive rotation would), and every product is a float32
-// FMA. Nothing goes through TF32, so float32 results meet the float32 tolerance of the reference.
+// FMA. Nothing goes through TF32 (whose 10-bit mantissa could not meet the float32 tolerance).
 //
 // Thread layout: 128 threads; one tile row (a query in the forward, a key in the backward's dK/dV, a query
 // in its dQ) belongs to kLanes = 128 / kTile consecutive threads of one warp, which split that row's

@@ -11,6 +11,9 @@ emulation cannot show (GPU rounding and fast-math, the memory model, performance
 (``tests/test_cuda_backend.py``) and compute-sanitizer."""
 
 import functools
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,33 @@ def cuda_headers() -> Path | None:
     return include if include is not None and (include / "cuda_fp16.h").exists() else None
 
 
+EMULATION_FLAGS = ["-O2", "-std=c++20", "-Wno-attributes", "-fno-strict-aliasing", "-fsanitize=alignment",
+                   "-fno-sanitize-recover=all"]  # fmt: skip
+PROBE = """#include <source_location>
+#include <ucontext.h>
+int line() { return std::source_location::current().line(); }
+"""
+
+
+@functools.cache
+def toolchain_reason() -> str | None:
+    """Why the host compiler cannot build the emulation (C++20 <source_location>, ucontext, UBSan's alignment
+    check in a shared library), or None. Probed apart from the build, so that a compile error in the kernels
+    fails the tests instead of skipping them."""
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "probe.cpp"
+        source.write_text(PROBE)
+        command = [compiler, *EMULATION_FLAGS, "-shared", "-fPIC", str(source), "-o", str(Path(tmp) / "probe.so")]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"no usable host compiler ({compiler}): {error}"
+    if result.returncode != 0:
+        return f"{compiler} cannot build the emulation (C++20, ucontext, -fsanitize=alignment): {result.stderr[-300:]}"
+    return None
+
+
 @functools.cache
 def load() -> None:
     import torch.utils.cpp_extension as cpp_extension
@@ -47,14 +77,7 @@ def load() -> None:
         name="perceiver_kernels_simt_emulation",
         sources=[str(HERE / "simt_emulation" / "emulated_ops.cpp")],
         # The kernels pun 16-bit arrays through 32-bit words as nvcc allows; UBSan reports misaligned accesses.
-        extra_cflags=[
-            "-O2",
-            "-std=c++20",
-            "-Wno-attributes",
-            "-fno-strict-aliasing",
-            "-fsanitize=alignment",
-            "-fno-sanitize-recover=all",
-        ],
+        extra_cflags=EMULATION_FLAGS,
         extra_ldflags=["-fsanitize=alignment"],
         extra_include_paths=[
             str(CSRC),
@@ -66,7 +89,10 @@ def load() -> None:
     )
 
 
-pytestmark = pytest.mark.skipif(cuda_headers() is None, reason="no CUDA toolkit headers here to compile the kernels")
+pytestmark = [
+    pytest.mark.skipif(cuda_headers() is None, reason="no CUDA toolkit headers here to compile the kernels"),
+    pytest.mark.skipif(toolchain_reason() is not None, reason=str(toolchain_reason())),
+]
 
 
 class Emulated(torch.autograd.Function):

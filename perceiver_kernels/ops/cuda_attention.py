@@ -30,7 +30,9 @@ BACKWARD_OP = "perceiver_kernels::cuda_attention_bwd"
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)  # sm_80: mma.sync m16n8k16 with bfloat16, cp.async, ldmatrix
-BLOCK_M = BLOCK_N = 64  # the tensor-core forward's tile (csrc/attention_fwd.cu), for the split heuristic
+BLOCK_M = BLOCK_N = 64  # the tensor-core forward's tile (csrc/attention_fwd.cuh), for the split heuristic
+INT32_MAX = 2**31 - 1
+MAX_ROWS = INT32_MAX - 256  # csrc/host.h kMaxRows
 
 _registered = False
 
@@ -65,6 +67,9 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, scale: float | None = No
     dqk, dv = q.shape[-1], v.shape[-1]
     if dqk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         return f"the CUDA kernels take head dims up to {MAX_HEAD_DIM}, got {dqk} and {dv}"
+    batch, heads, rows = k.shape[0], k.shape[2], max(q.shape[1], k.shape[1])
+    if rows > MAX_ROWS or batch * heads * configs.cdiv(rows, 16) > INT32_MAX or batch * heads * q.shape[1] > INT32_MAX:
+        return f"the CUDA kernels count rows and CTAs in int32: B={batch}, H={heads}, max(Nq, Nk)={rows} is too large"
     if torch.compiler.is_compiling():  # no device queries while tracing; the op checks itself
         return None
     if torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
