@@ -24,7 +24,9 @@ CASES = [  # (case, forced key splits)
     (AttentionCase(batch=2, nq=19, nk=90, heads=2, dqk=36, dv=13, causal=True, rotary_dim=12), 2),
     (AttentionCase(batch=2, nq=17, nk=70, heads=1, dqk=200, dv=256, pad_fraction=0.2), 1),
 ]
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float16 runs the tensor-core kernels where they can (bfloat16 differs only in conversions), float32 the
+# SIMT ones: both families, at about half the sanitizer time of all three dtypes.
+DTYPES = (torch.float16, torch.float32)
 
 
 def main() -> None:
