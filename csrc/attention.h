@@ -1,5 +1,6 @@
-// Perceiver attention, CUDA C++ (sm_80+): the launch parameters shared by the host code and the kernels. Layout as in perceiver_kernels.attention: q (Bq, Nq, H, Dqk), k (B, Nk, H, Dqk),
-// v (B, Nk, H, Dv), out (B, Nq, H, Dv), lse (B, H, Nq) float32. Strides are in elements.
+// Perceiver attention, CUDA C++ (sm_80+): the launch parameters shared by the host code and the kernels.
+// Layout as in perceiver_kernels.attention: q (Bq, Nq, H, Dqk), k (B, Nk, H, Dqk), v (B, Nk, H, Dv),
+// out (B, Nq, H, Dv), lse (B, H, Nq) float32. Strides are in elements.
 #pragma once
 
 #include <cstddef>

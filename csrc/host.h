@@ -293,7 +293,8 @@ inline std::tuple<at::Tensor, at::Tensor> attention_forward(
 // gradients, computes delta, allocates the gradients and runs kernels.backward (and kernels.rotate_back).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& key_padding_mask,
     const Checked& checked, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     const Kernels& kernels) {
   const at::Tensor& index = checked.index;

@@ -145,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
                               rotary_dim, scale);
   check_family(in, tensor_cores);
   return attention_backward(grad_out, grad_lse, in.q, in.k, in.v, out, lse, key_padding_mask, in.checked, rotary_dim,
-                            rotary_interleaved, causal, scale, emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
+                            rotary_interleaved, causal, scale,
+                            emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
 }
 
 }  // namespace

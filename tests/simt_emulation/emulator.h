@@ -290,7 +290,9 @@ inline void run_block(uint3 index, dim3 dim, const std::function<void()>& body, 
   if (shared.base != nullptr) {
     const auto* guard = static_cast<const unsigned char*>(shared.base) + shared.bytes;
     for (size_t i = 0; i < shared.capacity - shared.bytes; ++i) {
-      if (guard[i] != kCanary) fail("a write past the kernel's dynamic shared memory (" + std::to_string(shared.bytes) + " bytes)");
+      if (guard[i] != kCanary) {
+        fail("a write past the kernel's dynamic shared memory (" + std::to_string(shared.bytes) + " bytes)");
+      }
     }
   }
 }
