@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceiver_kernels.ops import cuda_extension
+from perceiver_kernels.ops import cuda_attention, cuda_extension
 from perceiver_kernels.ops.triton_attention import rotary_inputs
 from perceiver_kernels.testing import (
     AR_CASES,
@@ -32,7 +32,6 @@ from perceiver_kernels.testing import (
 
 HERE = Path(__file__).parent
 CSRC = HERE.parent / "csrc"
-MAX_HEAD_DIM = 256  # the CUDA kernels' limit (csrc/dispatch.cuh)
 
 
 def cuda_headers() -> Path | None:
@@ -135,7 +134,7 @@ def emulated_fn(num_splits: int, seed: int, tensor_cores: bool = False):
 MATRIX = {
     name: case
     for name, case in {**FEATURE_CASES, **AR_CASES, **CUDA_CASES}.items()
-    if max(case.dqk, case.dv) <= MAX_HEAD_DIM
+    if max(case.dqk, case.dv) <= cuda_attention.MAX_HEAD_DIM
 }
 
 
