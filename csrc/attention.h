@@ -51,18 +51,21 @@ struct AttentionParams : CommonParams {
   int num_splits;
 };
 
-// The backward: dK, dV per key block (one CTA owns 64 keys of one (batch, head)); dQ accumulated in
-// float32 with atomics across key blocks (and across the batch for a broadcast query).
+// The backward: dK, dV per key block (one CTA owns 64 keys of one (batch, head)); dQ either by a second,
+// query-parallel kernel into float32 partials (the tensor-core family) or accumulated with float32 atomics
+// across key blocks (the SIMT family; across the batch too for a broadcast query).
 struct BackwardParams : CommonParams {
   const void* grad_out;  // (B, Nq, H, Dv)
   const float* lse;      // (B, H, Nq)
   const float* delta;    // (B, H, Nq): rowsum(dO * O) - dlse
-  float* dq_accum;       // (Bq, Nq, H, Dqk) float32, zero-initialised
+  float* dq_accum;       // SIMT: (Bq, Nq, H, Dqk) float32, zero-initialised
+  float* dq_partial;     // tensor cores: (num_splits, B, Nq, H, Dqk) float32, summed by the host
+  int num_splits;        // tensor cores: splits of each query block's key tiles for dQ
   void* dk;              // (B, Nk, H, Dqk), contiguous; dK/dV are scattered to the gathered rows with kv_index
   float* dk_float;       // with rotary: dK in the rotated frame, float32 (B, Nk, H, Dqk), turned back after
   void* dv;              // (B, Nk, H, Dv), contiguous
   int64_t do_batch_stride, do_row_stride, do_head_stride;
-  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;  // dq_batch_stride 0 with a broadcast query
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;  // of dq_accum; batch stride 0 for a broadcast query
 };
 
 // The backward's row term, before its kernels: delta (B, H, Nq) = rowsum(dO * O) - dlse, in float32.
@@ -83,10 +86,13 @@ enum class DType { kFloat16, kBFloat16, kFloat32 };
 // (and, with num_splits > 1, the combine) on `stream`, and return false when no kernel is compiled for
 // this dtype and head-dim group (the host code checks before, so this is a bug guard).
 bool launch_attention_forward(const AttentionParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
+// The backward runs the dK/dV kernel, then the dQ kernel (params.dq_partial).
 bool launch_attention_backward(const BackwardParams& params, DType dtype, int padded_head_dim, cudaStream_t stream);
-// Shared memory per CTA of the tensor-core kernels at head dims above 128 (the backward's K, V, Q, dO and dS
-// tiles at D = 256); GPUs that cannot opt into this much run those dims on the SIMT kernels.
-constexpr size_t kTensorCoreWideHeadSharedMemory = 106240;
+// The most dynamic shared memory a CTA of the tensor-core kernels takes, up to D = 128 (the forward's) and
+// at D = 256 (the dK/dV kernel's); GPUs that cannot opt into as much run those head dims on the SIMT kernels.
+// The launchers static_assert these bounds.
+constexpr size_t kTensorCoreSharedMemory = 87040;
+constexpr size_t kTensorCoreWideHeadSharedMemory = 101632;
 
 // The SIMT kernels (attention_simt.cu): float32, float16 and bfloat16, any head dims up to 256, any row
 // layout with a unit last-dim stride, no grid limit but int32 CTA counts. Same contract as above.

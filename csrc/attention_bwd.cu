@@ -1,5 +1,5 @@
-// Launches of the tensor-core backward (attention_bwd.cuh) and of the kernels around it (finish_kernels.cuh):
-// delta before, the rotary turn-back after.
+// Launches of the tensor-core backward (attention_bwd.cuh: the dK/dV kernel, then the dQ kernel) and of the
+// kernels around it (finish_kernels.cuh): delta before, the rotary turn-back after.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,10 +20,18 @@ namespace {
 
 template <typename T, int D>
 void run_backward(const BackwardParams& p, cudaStream_t stream) {
+  constexpr size_t limit = D > 128 ? kTensorCoreWideHeadSharedMemory : kTensorCoreSharedMemory;
   constexpr size_t smem_bytes = mma_backward::shared_memory<T, D>();
+  static_assert(smem_bytes <= limit);
   detail::allow_dynamic_shared_memory<mma_backward::attention_backward_kernel<T, D>>(smem_bytes);
   mma_backward::attention_backward_kernel<T, D>
       <<<mma_backward::grid<D>(p), mma_backward::kThreads, smem_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  constexpr size_t dq_smem_bytes = mma_backward::dq_shared_memory<T, D>();
+  static_assert(dq_smem_bytes <= limit);
+  detail::allow_dynamic_shared_memory<mma_backward::dq_kernel<T, D>>(dq_smem_bytes);
+  mma_backward::dq_kernel<T, D><<<mma_backward::dq_grid(p), mma_backward::kThreads, dq_smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -20,6 +20,7 @@ namespace {
 template <typename T, int D>
 void run_forward(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem_bytes = mma_forward::shared_memory<T, D>();
+  static_assert(smem_bytes <= (D > 128 ? kTensorCoreWideHeadSharedMemory : kTensorCoreSharedMemory));
   detail::allow_dynamic_shared_memory<mma_forward::attention_forward_kernel<T, D>>(smem_bytes);
   mma_forward::attention_forward_kernel<T, D>
       <<<mma_forward::grid(p), mma_forward::kThreads, smem_bytes, stream>>>(p);

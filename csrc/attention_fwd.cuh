@@ -122,11 +122,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 
     if (tile == tile_begin) {
       if (p.rotary_dim > 0) {  // rotate Q once, in shared memory, before it becomes fragments
-        const int rope_b = p.q_rope_batch > 1 ? b : 0;
-        const float* cos = p.q_rope + static_cast<int64_t>(rope_b) * p.num_queries * (p.rotary_dim / 2);
-        const int64_t sin_offset = static_cast<int64_t>(p.q_rope_batch) * p.num_queries * (p.rotary_dim / 2);
-        rotate_tile<T, D, kBlockM, kThreads>(q_smem, cos, sin_offset, m0, p.num_queries - m0, p.rotary_dim,
-                                             p.rotary_interleaved);
+        rotate_queries<T, D, kBlockM, kThreads>(q_smem, p, b, m0);
         __syncthreads();
       }
       if constexpr (kQInRegisters) {
@@ -136,12 +132,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     }
 
     if (p.rotary_dim > 0) {  // rotate this K tile in place (its keys keep their own positions)
-      const int rope_b = p.k_rope_batch > 1 ? b : 0;
-      const float* cos = p.k_rope + static_cast<int64_t>(rope_b) * p.num_keys * (p.rotary_dim / 2);
-      const int64_t sin_offset = static_cast<int64_t>(p.k_rope_batch) * p.num_keys * (p.rotary_dim / 2);
-      rotate_tile<T, D, kBlockN, kThreads>(k_smem + buffer * kBlockN * kStride, cos, sin_offset, tile * kBlockN,
-                                           length - tile * kBlockN, p.rotary_dim, p.rotary_interleaved, index,
-                                           p.num_keys);
+      rotate_keys<T, D, kBlockN, kThreads>(k_smem + buffer * kBlockN * kStride, p, b, axis, tile * kBlockN);
       __syncthreads();
     }
 

@@ -230,11 +230,10 @@ __device__ __forceinline__ HeadInputs<T> head_inputs(const CommonParams& p, int 
           static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride};
 }
 
-// ... and the backward's: row 0 of dO and of the float32 dQ accumulator, and the (b, h) rows of lse, delta.
+// ... and the backward's: row 0 of dO, and the (b, h) rows of lse and delta.
 template <typename T>
 struct HeadGradients {
   const T* grad_out;
-  float* dq;
   const float* lse;
   const float* delta;
 };
@@ -242,8 +241,8 @@ struct HeadGradients {
 template <typename T>
 __device__ __forceinline__ HeadGradients<T> head_gradients(const BackwardParams& p, int b, int h) {
   const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * p.num_queries;
-  return {static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride,
-          p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride, p.lse + row, p.delta + row};
+  return {static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride, p.lse + row,
+          p.delta + row};
 }
 
 // The key axis of sample b: the memory rows of k, or (prefix dropout) the rows its kv_index row gathers.
@@ -267,6 +266,26 @@ __device__ __forceinline__ bool key_visible(const CommonParams& p, const KeyAxis
   if (key >= axis.length) return false;
   if (p.key_padding_mask == nullptr) return true;
   return !p.key_padding_mask[b * p.mask_batch_stride + key_row(axis.index, key, p.num_keys) * p.mask_row_stride];
+}
+
+// rotate_tile on rows first_row.. of sample b's queries (a Q tile), with that sample's cos/sin table.
+template <typename T, int D, int ROWS, int THREADS, typename Storage = T, int STRIDE = D + 8>
+__device__ __forceinline__ void rotate_queries(Storage* tile, const CommonParams& p, int b, int first_row) {
+  const int64_t table_rows = static_cast<int64_t>(p.num_queries) * (p.rotary_dim / 2);
+  rotate_tile<T, D, ROWS, THREADS, Storage, STRIDE>(tile, p.q_rope + (p.q_rope_batch > 1 ? b : 0) * table_rows,
+                                                    p.q_rope_batch * table_rows, first_row, p.num_queries - first_row,
+                                                    p.rotary_dim, p.rotary_interleaved);
+}
+
+// ... and on keys first_row.. of sample b's key axis (a K tile): each key keeps the position of its
+// memory row (kv_index), keys past L_b are left as loaded (zeros).
+template <typename T, int D, int ROWS, int THREADS, typename Storage = T, int STRIDE = D + 8>
+__device__ __forceinline__ void rotate_keys(Storage* tile, const CommonParams& p, int b, const KeyAxis& axis,
+                                            int first_row) {
+  const int64_t table_rows = static_cast<int64_t>(p.num_keys) * (p.rotary_dim / 2);
+  rotate_tile<T, D, ROWS, THREADS, Storage, STRIDE>(tile, p.k_rope + (p.k_rope_batch > 1 ? b : 0) * table_rows,
+                                                    p.k_rope_batch * table_rows, first_row, axis.length - first_row,
+                                                    p.rotary_dim, p.rotary_interleaved, axis.index, p.num_keys);
 }
 
 // The key tiles [begin, end) of size block_n that split `split` of `num_splits` walks for the query block

@@ -39,8 +39,8 @@ inline bool rows_16_byte_aligned(const at::Tensor& t) {
 }
 
 // Whether the tensor-core kernels take these inputs: 16-bit, head dims that are multiples of 8 in 16-byte
-// rows, query and key blocks of 64 within the grid's y axis, and (head dims above 128) a GPU that gives a
-// CTA kTensorCoreWideHeadSharedMemory bytes (shared_memory_optin). Everything else runs on the SIMT kernels.
+// rows, query and key blocks of 64 within the grid's y axis, and a GPU that lets a CTA opt into the shared
+// memory of their head-dim group (shared_memory_optin). Everything else runs on the SIMT kernels.
 inline bool tensor_core_eligible(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t key_axis,
                                  size_t shared_memory_optin) {
   if (q.scalar_type() == at::kFloat) return false;
@@ -48,7 +48,8 @@ inline bool tensor_core_eligible(const at::Tensor& q, const at::Tensor& k, const
   if (head_dim_qk % 8 != 0 || head_dim_v % 8 != 0) return false;
   if (!rows_16_byte_aligned(q) || !rows_16_byte_aligned(k) || !rows_16_byte_aligned(v)) return false;
   if ((q.size(1) + 63) / 64 > 65535 || (key_axis + 63) / 64 > 65535) return false;
-  return std::max(head_dim_qk, head_dim_v) <= 128 || shared_memory_optin >= kTensorCoreWideHeadSharedMemory;
+  const bool wide = std::max(head_dim_qk, head_dim_v) > 128;
+  return shared_memory_optin >= (wide ? kTensorCoreWideHeadSharedMemory : kTensorCoreSharedMemory);
 }
 
 inline int padded_head_dim(int64_t head_dim_qk, int64_t head_dim_v) {
@@ -249,7 +250,15 @@ struct Kernels {
                      int head_dim, int rotary_dim, bool interleaved, DType dtype)>
       rotate_back;
   bool aligned_rows = false;  // the backward's kernels need dO in 16-byte rows (the tensor-core ones)
+  // The backward writes dQ as float32 partials per (split, sample) (BackwardParams::dq_partial, the
+  // tensor-core family) instead of adding it into dq_accum with atomics (the SIMT family).
+  bool split_dq = false;
 };
+
+// Split counts past the key blocks of 64 would only add empty work (and the grid's z axis takes 65535).
+inline int clamp_splits(int64_t num_splits, int64_t key_axis) {
+  return static_cast<int>(std::clamp<int64_t>(num_splits, 1, std::clamp<int64_t>((key_axis + 63) / 64, 1, 65535)));
+}
 
 // The forward op on checked inputs (q, k, v with unit last-dim strides): allocates out, lse and the
 // split-KV partials, fills the parameters and runs kernels.forward.
@@ -271,10 +280,7 @@ inline std::tuple<at::Tensor, at::Tensor> attention_forward(
   p.out_batch_stride = out.stride(0);
   p.out_row_stride = out.stride(1);
   p.out_head_stride = out.stride(2);
-  // More splits than key blocks of 64 would only allocate empty partials (and the grid takes 65535).
-  const int64_t key_axis = index.defined() ? index.size(1) : num_keys;
-  p.num_splits = static_cast<int>(
-      std::clamp<int64_t>(num_splits, 1, std::clamp<int64_t>((key_axis + 63) / 64, 1, 65535)));
+  p.num_splits = clamp_splits(num_splits, index.defined() ? index.size(1) : num_keys);
 
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
@@ -291,12 +297,13 @@ inline std::tuple<at::Tensor, at::Tensor> attention_forward(
 
 // The backward op on checked inputs (as attention_forward): checks the forward's outputs and the
 // gradients, computes delta, allocates the gradients and runs kernels.backward (and kernels.rotate_back).
+// num_splits: the dQ pass's split of each query block's key tiles (split_dq kernels only).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& key_padding_mask,
     const Checked& checked, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
-    const Kernels& kernels) {
+    int64_t num_splits, const Kernels& kernels) {
   const at::Tensor& index = checked.index;
   const int64_t batch = k.size(0), num_keys = k.size(1), heads = k.size(2), head_dim_qk = k.size(3);
   const int64_t num_queries = q.size(1), head_dim_v = v.size(3);
@@ -316,16 +323,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->device() == q.device(), kOp,
                 "grad_lse must be shaped like lse ", shape_of(lse), " on ", q.device(), ", got ", shape_of(*grad_lse));
   }
-  auto dq_accum = at::zeros({q.size(0), num_queries, heads, head_dim_qk}, q.options().dtype(at::kFloat));
   // With kv_index the kernel writes only the gathered rows: the others' gradients are zero.
   auto dk = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_qk}, q.options())
                             : at::empty({batch, num_keys, heads, head_dim_qk}, q.options());
   auto dv = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_v}, q.options())
                             : at::empty({batch, num_keys, heads, head_dim_v}, q.options());
   const int64_t key_axis = index.defined() ? index.size(1) : num_keys;
-  if (batch == 0 || heads == 0 || num_keys == 0) return {dq_accum.to(q.scalar_type()), dk, dv};
-  if (key_axis == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};  // nothing gathered
-  if (num_queries == 0) return {dq_accum.to(q.scalar_type()), dk.zero_(), dv.zero_()};
+  const auto zero_dq = [&] { return at::zeros({q.size(0), num_queries, heads, head_dim_qk}, q.options()); };
+  if (batch == 0 || heads == 0 || num_keys == 0) return {zero_dq(), dk, dv};
+  if (key_axis == 0) return {zero_dq(), dk.zero_(), dv.zero_()};  // nothing gathered
+  if (num_queries == 0) return {zero_dq(), dk.zero_(), dv.zero_()};
 
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dout = with_unit_last_dim(grad_out);  // e.g. the zero-stride gradient of out.sum()
@@ -358,24 +365,41 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   p.grad_out = dout.data_ptr();
   p.lse = lse_c.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
-  p.dq_accum = dq_accum.data_ptr<float>();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.do_batch_stride = dout.stride(0);
   p.do_row_stride = dout.stride(1);
   p.do_head_stride = dout.stride(2);
-  p.dq_batch_stride = q.size(0) == 1 ? 0 : dq_accum.stride(0);
-  p.dq_row_stride = dq_accum.stride(1);
-  p.dq_head_stride = dq_accum.stride(2);
+  // dQ: float32 partials (num_splits, B, Nq, H, Dqk) to sum, or one buffer the kernels add into.
+  const auto float_options = q.options().dtype(at::kFloat);
+  at::Tensor dq_accum, dq_partial;
+  if (kernels.split_dq) {
+    p.num_splits = clamp_splits(num_splits, key_axis);
+    dq_partial = at::empty({p.num_splits, batch, num_queries, heads, head_dim_qk}, float_options);
+    p.dq_partial = dq_partial.data_ptr<float>();
+  } else {
+    dq_accum = at::zeros({q.size(0), num_queries, heads, head_dim_qk}, float_options);
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.dq_batch_stride = q.size(0) == 1 ? 0 : dq_accum.stride(0);
+    p.dq_row_stride = dq_accum.stride(1);
+    p.dq_head_stride = dq_accum.stride(2);
+  }
   at::Tensor dk_float;
   if (rotary_dim > 0) {
-    const auto float_options = q.options().dtype(at::kFloat);
     dk_float = index.defined() ? at::zeros({batch, num_keys, heads, head_dim_qk}, float_options)
                                : at::empty({batch, num_keys, heads, head_dim_qk}, float_options);
     p.dk_float = dk_float.data_ptr<float>();
   }
   const bool launched = kernels.backward(p, dtype, padded_head_dim(head_dim_qk, head_dim_v));
   TORCH_CHECK(launched, kOp, "no backward kernel compiled for head dims ", head_dim_qk, "/", head_dim_v);
+  if (kernels.split_dq) {  // sum the splits and, for a query broadcast over the batch, the samples
+    const bool sum_samples = q.size(0) != batch;
+    if (p.num_splits == 1 && !sum_samples) {
+      dq_accum = dq_partial[0];
+    } else {
+      dq_accum = sum_samples ? dq_partial.sum(at::IntArrayRef{0, 1}).unsqueeze(0) : dq_partial.sum(0);
+    }
+  }
   if (rotary_dim == 0) return {dq_accum.to(q.scalar_type()), dk, dv};
   // dQ and dK were computed in the rotated frame: turn them back (float32 in, q's dtype out).
   auto dq = at::empty_like(dq_accum, q.options());

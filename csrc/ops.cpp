@@ -53,6 +53,7 @@ Kernels cuda_kernels(bool tensor_cores) {
                        at::cuda::getCurrentCUDAStream());
   };
   kernels.aligned_rows = tensor_cores;
+  kernels.split_dq = tensor_cores;
   return kernels;
 }
 
@@ -84,13 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits) {
-  (void)num_splits;  // the backward parallelises over key blocks; nothing to split
   check_cuda(q_arg, k_arg, v_arg);
   const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
                               rotary_dim, scale);
   const c10::cuda::CUDAGuard guard(in.q.device());
   return attention_backward(grad_out, grad_lse, in.q, in.k, in.v, out, lse, key_padding_mask, in.checked, rotary_dim,
-                            rotary_interleaved, causal, scale,
+                            rotary_interleaved, causal, scale, num_splits,
                             cuda_kernels(use_tensor_cores(in.q, in.k, in.v, in.key_axis)));
 }
 

@@ -14,8 +14,11 @@
 //
 // Tiles: kTile = 32 rows up to D = 128 and 16 at D = 256, so shared memory stays under 75 KB (any sm_80+
 // GPU). Loops over head dims stop at the real dims; only the accumulators are sized by the padded D.
-// Masks, split-KV (with the same combine kernel), rotary positions, kv_index gathers and scatters, the
-// broadcast query and dQ by float32 atomics follow the tensor-core kernels; see their comments.
+// Masks, split-KV (with the same combine kernel), rotary positions, kv_index gathers and scatters and the
+// broadcast query follow the tensor-core kernels; see their comments. dQ differs: the dK/dV kernel adds it
+// with float32 atomics instead of a second, query-parallel pass. The tensor-core backward dropped those
+// atomics because its matmuls are fast enough for contention to dominate; here every product is a
+// float32 FMA, and a second pass would redo two of the five matmuls (not measured on a GPU yet).
 //
 // The kernels live in this header (attention_simt.cu launches them) so that tests/simt_emulation can run
 // them on a CPU, thread by thread, against the reference.
@@ -76,13 +79,6 @@ __device__ __forceinline__ float lanes_sum(float x) {
   return x;
 }
 
-// The cos table of sample b's rows (the sin table is sin_offset further), for rotate_tile.
-__device__ __forceinline__ const float* rope_rows(const float* table, int table_batch, int b, int rows, int half,
-                                                  int64_t& sin_offset) {
-  sin_offset = static_cast<int64_t>(table_batch) * rows * half;
-  return table + static_cast<int64_t>(table_batch > 1 ? b : 0) * rows * half;
-}
-
 // One CTA = kTile queries of one (batch, head) (blockIdx.x = bh * num_query_tiles + query tile; split
 // blockIdx.y); the key axis is walked in tiles of kTile keys.
 template <typename T, int D>
@@ -112,17 +108,13 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
   forward_key_tiles(p, axis, m0, kTile, kTile, blockIdx.y, p.num_splits, tile_begin, tile_end);
   const int diagonal = axis.length - p.num_queries;  // causal: key <= row + diagonal
   const float scale_log2 = p.scale * kLog2e;
-  const int half = p.rotary_dim / 2;
 
   const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
 
   load_rows<T, D, kTile>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
   if (p.rotary_dim > 0) {
     __syncthreads();
-    int64_t sin_offset;
-    const float* cos = rope_rows(p.q_rope, p.q_rope_batch, b, p.num_queries, half, sin_offset);
-    rotate_tile<T, D, kTile, kThreads, float, kStride>(q_smem, cos, sin_offset, m0, p.num_queries - m0,
-                                                       p.rotary_dim, p.rotary_interleaved);
+    rotate_queries<T, D, kTile, kThreads, float, kStride>(q_smem, p, b, m0);
   }
 
   float row_max = -INFINITY;  // raw (unscaled) score maximum of this row
@@ -138,11 +130,7 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
     load_rows<T, D, kTile>(v_smem, v_base, p.v_row_stride, n0, axis.length, p.head_dim_v, axis.index, p.num_keys);
     if (p.rotary_dim > 0) {  // each key keeps its own position (its memory row's, with kv_index)
       __syncthreads();
-      int64_t sin_offset;
-      const float* cos = rope_rows(p.k_rope, p.k_rope_batch, b, p.num_keys, half, sin_offset);
-      rotate_tile<T, D, kTile, kThreads, float, kStride>(k_smem, cos, sin_offset, n0, axis.length - n0,
-                                                         p.rotary_dim, p.rotary_interleaved, axis.index,
-                                                         p.num_keys);
+      rotate_keys<T, D, kTile, kThreads, float, kStride>(k_smem, p, b, axis, n0);
     }
     __syncthreads();
 
@@ -246,10 +234,10 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
   const int key = n0 + local_row;  // this thread's key (of the gathered axis)
   const bool key_ok = key_visible(p, axis, b, key);
   const float scale_log2 = p.scale * kLog2e;
-  const int half = p.rotary_dim / 2;
 
   const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
-  const auto [do_base, dq_base, lse_base, delta_base] = head_gradients<T>(p, b, h);
+  const auto [do_base, lse_base, delta_base] = head_gradients<T>(p, b, h);
+  float* dq_base = p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride;
 
   // Queries that can see any of these keys: all, or (causal) those at or after key n0's diagonal.
   const int diagonal = axis.length - p.num_queries;  // causal: query i sees key j iff j <= i + diagonal
@@ -265,11 +253,7 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
     load_rows<T, D, kTile>(v_smem, v_base, p.v_row_stride, n0, axis.length, p.head_dim_v, axis.index, p.num_keys);
     if (p.rotary_dim > 0) {
       __syncthreads();
-      int64_t sin_offset;
-      const float* cos = rope_rows(p.k_rope, p.k_rope_batch, b, p.num_keys, half, sin_offset);
-      rotate_tile<T, D, kTile, kThreads, float, kStride>(k_smem, cos, sin_offset, n0, axis.length - n0,
-                                                         p.rotary_dim, p.rotary_interleaved, axis.index,
-                                                         p.num_keys);
+      rotate_keys<T, D, kTile, kThreads, float, kStride>(k_smem, p, b, axis, n0);
     }
   }
 
@@ -284,10 +268,7 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
     }
     if (p.rotary_dim > 0) {
       __syncthreads();
-      int64_t sin_offset;
-      const float* cos = rope_rows(p.q_rope, p.q_rope_batch, b, p.num_queries, half, sin_offset);
-      rotate_tile<T, D, kTile, kThreads, float, kStride>(q_smem, cos, sin_offset, m0, p.num_queries - m0,
-                                                         p.rotary_dim, p.rotary_interleaved);
+      rotate_queries<T, D, kTile, kThreads, float, kStride>(q_smem, p, b, m0);
     }
     __syncthreads();
 

@@ -41,7 +41,11 @@ def cuda_headers() -> Path | None:
     return include if include is not None and (include / "cuda_fp16.h").exists() else None
 
 
-EMULATION_FLAGS = ["-O2", "-std=c++20", "-Wno-attributes", "-fno-strict-aliasing", "-fsanitize=alignment",
+# UBSan's alignment check always; more sanitizers on request, e.g. "address,undefined" (then run pytest with
+# LD_PRELOAD=$(c++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0): ASan bounds-checks every global
+# access of the kernels against the tensors' allocations, as compute-sanitizer's memcheck does on a GPU.
+SANITIZERS = os.environ.get("PERCEIVER_KERNELS_EMULATION_SANITIZE", "alignment")
+EMULATION_FLAGS = ["-O2", "-std=c++20", "-Wno-attributes", "-fno-strict-aliasing", f"-fsanitize={SANITIZERS}",
                    "-fno-sanitize-recover=all"]  # fmt: skip
 PROBE = """#include <source_location>
 #include <ucontext.h>
@@ -64,7 +68,8 @@ def toolchain_reason() -> str | None:
         except (OSError, subprocess.TimeoutExpired) as error:
             return f"no usable host compiler ({compiler}): {error}"
     if result.returncode != 0:
-        return f"{compiler} cannot build the emulation (C++20, ucontext, -fsanitize=alignment): {result.stderr[-300:]}"
+        needs = f"C++20, ucontext, -fsanitize={SANITIZERS}"
+        return f"{compiler} cannot build the emulation ({needs}): {result.stderr[-300:]}"
     return None
 
 
@@ -73,11 +78,11 @@ def load() -> None:
     import torch.utils.cpp_extension as cpp_extension
 
     cpp_extension.load(
-        name="perceiver_kernels_simt_emulation",
+        name="perceiver_kernels_simt_emulation_" + SANITIZERS.replace(",", "_"),
         sources=[str(HERE / "simt_emulation" / "emulated_ops.cpp")],
         # The kernels pun 16-bit arrays through 32-bit words as nvcc allows; UBSan reports misaligned accesses.
         extra_cflags=EMULATION_FLAGS,
-        extra_ldflags=["-fsanitize=alignment"],
+        extra_ldflags=[f"-fsanitize={SANITIZERS}"],
         extra_include_paths=[
             str(CSRC),
             str(HERE / "simt_emulation"),

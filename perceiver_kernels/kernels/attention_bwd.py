@@ -1,9 +1,11 @@
 """Triton backward kernels.
 
 ``delta = rowsum(dO * O) - dlse`` is computed first. Then one program per key block (and head-dim
-chunk) walks over all query blocks that can see it, accumulating dK and dV in registers, and adds its
-share of dQ into a float32 buffer with atomics. Perceiver problems have few queries and very many keys,
-so parallelising over key blocks keeps the GPU full; see docs/DESIGN.md for why dQ uses atomics.
+chunk) walks over all query blocks that can see it, accumulating dK and dV in registers. Perceiver
+problems have few queries and very many keys, so parallelising over key blocks keeps the GPU full. dQ
+comes from a second kernel over query blocks and key splits (``dq_mode="split"``, the default), or is
+added by the dK/dV kernel into a float32 buffer with atomics (``"atomic"``, and head dims above the
+fast path); docs/DESIGN.md has the measurements behind that choice.
 
 Head dims above ``configs.MAX_FAST_HEAD_DIM`` run as two launches of the same kernel: one over v-dim
 chunks computing dV, one over qk-dim chunks computing dK and dQ, each recomputing the probabilities.

@@ -136,7 +136,9 @@ def _setup_context(ctx, inputs, output):
         inputs
     )
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
-    ctx.options = (rotary_dim, interleaved, causal, scale, 0)  # the backward chooses its own split
+    # The tensor-core backward's dQ pass has the forward's grid (query blocks of 64), so the forward's split
+    # of the key axis serves it too.
+    ctx.options = (rotary_dim, interleaved, causal, scale, splits)
     ctx.set_materialize_grads(False)
 
 

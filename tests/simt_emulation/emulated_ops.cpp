@@ -34,7 +34,7 @@ namespace mma_forward {
 alignas(16) unsigned char smem[shared_memory<__half, 256>()];
 }  // namespace mma_forward
 namespace mma_backward {
-alignas(16) unsigned char smem[shared_memory<__half, 256>()];
+alignas(16) unsigned char smem[std::max(shared_memory<__half, 256>(), dq_shared_memory<__half, 256>())];
 }  // namespace mma_backward
 
 namespace {
@@ -78,6 +78,9 @@ host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
         emulator::launch(mma_backward::grid<D>(p), dim3(mma_backward::kThreads),
                          [&] { mma_backward::attention_backward_kernel<T, D>(p); }, seed,
                          shared(mma_backward::smem, mma_backward::shared_memory<T, D>()));
+        emulator::launch(mma_backward::dq_grid(p), dim3(mma_backward::kThreads),
+                         [&] { mma_backward::dq_kernel<T, D>(p); }, seed,
+                         shared(mma_backward::smem, mma_backward::dq_shared_memory<T, D>()));
       });
     }
     return with_simt_config(dtype, head_dim, [&]<typename T, int D>() {
@@ -108,6 +111,7 @@ host::Kernels emulated_kernels(bool tensor_cores, uint64_t seed) {
     });
   };
   kernels.aligned_rows = tensor_cores;
+  kernels.split_dq = tensor_cores;
   return kernels;
 }
 
@@ -140,12 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
     int64_t num_splits, bool tensor_cores, int64_t seed) {
-  (void)num_splits;
   const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
                               rotary_dim, scale);
   check_family(in, tensor_cores);
   return attention_backward(grad_out, grad_lse, in.q, in.k, in.v, out, lse, key_padding_mask, in.checked, rotary_dim,
-                            rotary_interleaved, causal, scale,
+                            rotary_interleaved, causal, scale, num_splits,
                             emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
 }
 
