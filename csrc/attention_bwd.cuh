@@ -51,7 +51,8 @@ constexpr int kQueriesPerStep = 32;
 constexpr int kThreads = 128;
 
 // Query-step buffers: two (Q, dO, lse and delta of step i + 1 load while step i computes), or one at
-// D = 256, where a second would raise shared memory from 99 KB to 132 KB and halve the CTAs per SM.
+// D = 256, where a second would raise shared memory from 99 KB to 132 KB and halve the CTAs per SM of an
+// H100 (2 to 1).
 template <int D>
 __host__ __device__ constexpr int step_buffers() {
   return D > 128 ? 1 : 2;
@@ -125,31 +126,49 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   const int key1 = key0 + 8;
   const bool key_ok[2] = {key_visible(p, axis, b, key0), key_visible(p, axis, b, key1)};
 
-  // Step m0's Q and dO tiles (cp.async, committed by the caller) and lse / delta rows into buffer `buffer`.
-  const auto load_step = [&](int buffer, int m0) {
+  // Step m0's Q and dO tiles into buffer `buffer` (cp.async, committed by the caller).
+  const auto load_tiles = [&](int buffer, int m0) {
     load_tile<T, D, kM, kThreads>(q_buffers + buffer * kM * kStride, q_base, p.q_row_stride, m0, p.num_queries,
                                   p.head_dim_qk);
     load_tile<T, D, kM, kThreads>(do_buffers + buffer * kM * kStride, do_base, p.do_row_stride, m0, p.num_queries,
                                   p.head_dim_v);
-    if (threadIdx.x < kM) {
-      const int row = m0 + threadIdx.x;
-      lse_buffers[buffer * kM + threadIdx.x] = row < p.num_queries ? lse_base[row] : -INFINITY;
-      delta_buffers[buffer * kM + threadIdx.x] = row < p.num_queries ? delta_base[row] : 0.f;
-    }
   };
+  // lse and delta of query m0 + threadIdx.x (threads below kM), as the step reads them: -inf and 0 past Nq.
+  const auto row_lse = [&](int m0) {
+    const int row = m0 + static_cast<int>(threadIdx.x);
+    return row < p.num_queries ? lse_base[row] : -INFINITY;
+  };
+  const auto row_delta = [&](int m0) {
+    const int row = m0 + static_cast<int>(threadIdx.x);
+    return row < p.num_queries ? delta_base[row] : 0.f;
+  };
+  const auto store_rows = [&](int buffer, float lse, float delta) {
+    lse_buffers[buffer * kM + threadIdx.x] = lse;
+    delta_buffers[buffer * kM + threadIdx.x] = delta;
+  };
+  float next_lse = -INFINITY, next_delta = 0.f;  // the next step's row terms, from their load to their store
   const int first_step = (first_query / kM) * kM;
   if (any_work) {
-    load_step(0, first_step);
+    load_tiles(0, first_step);
     cp_async_commit();
+    if (threadIdx.x < kM) store_rows(0, row_lse(first_step), row_delta(first_step));
   }
 
   for (int m0 = first_step; any_work && m0 < p.num_queries; m0 += kM) {
     const int buffer = ((m0 - first_step) / kM) % kStepBuffers;
-    // The buffer loaded here was last read by the previous step, which ended with a barrier.
-    if constexpr (kStepBuffers == 2) {
-      if (m0 + kM < p.num_queries) load_step(buffer ^ 1, m0 + kM);  // prefetch the next step
-    } else if (m0 != first_step) {
-      load_step(0, m0);  // one buffer: this step's tiles, now
+    // The buffer loaded here was last read by the previous step, which ended with a barrier. With two
+    // buffers, the next step's lse and delta wait in registers through this step's first matmuls (their
+    // global loads overlap them), then go to shared memory; the step's closing barrier publishes them.
+    const bool prefetch = kStepBuffers == 2 && m0 + kM < p.num_queries;
+    if (prefetch) {
+      load_tiles(buffer ^ 1, m0 + kM);
+      if (threadIdx.x < kM) {
+        next_lse = row_lse(m0 + kM);
+        next_delta = row_delta(m0 + kM);
+      }
+    } else if (kStepBuffers == 1 && m0 != first_step) {  // one buffer: this step's rows, now
+      load_tiles(0, m0);
+      if (threadIdx.x < kM) store_rows(0, row_lse(m0), row_delta(m0));
     }
     cp_async_commit();
     cp_async_wait<kStepBuffers - 1>();  // all but a prefetch has landed (K and V with the first step)
@@ -198,6 +217,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
         Ops::mma(dp[jq], v_frag, do_frag);  // zero-padded dims of V/dO beyond Dv add nothing
       }
     }
+
+    // The next step's row terms have had the matmuls above to arrive; the other buffer is free.
+    if (prefetch && threadIdx.x < kM) store_rows(buffer ^ 1, next_lse, next_delta);
 
     // P^T and dS^T. Element e of s[jq]: key key0 (e < 2) or key1, query m0 + jq*8 + 2*quad + e % 2.
 #pragma unroll
@@ -276,7 +298,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
 // dQ: one CTA = 4 warps = 64 queries of one (batch, head) and split blockIdx.z of their key tiles (the
 // forward's ranges, forward_key_tiles). Q and dO stay in shared memory; K and V tiles are double-buffered
 // with cp.async as in the forward. Per tile, each warp (16 queries):
-//   S = Q K^T, dP = dO V^T                      (16 x kDqKeys, registers)
+//   S = Q K^T, dP = dO V^T                      (16 x dq_key_tile<D>(), registers)
 //   P = exp(scale S - lse), dS = P (dP - delta)  (masked pairs 0)
 //   dQ += dS K                                   (dS accumulators are the A fragments; K via ldmatrix.trans)
 // and at the end writes scale * dQ, float32, to dq_partial[split][b] (the host sums splits and, for a
@@ -402,14 +424,18 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n0 + j * 8 + 2 * quad + (e & 1);
-        const int r = e >> 1;
-        const bool visible = lse_log2[r] != -INFINITY && key_visible(p, axis, b, key) &&
-                             (!p.causal || key <= rows[r] + diagonal);
-        const float prob = visible ? exp2f(s[j][e] * scale_log2 - lse_log2[r]) : 0.f;
-        // A select, not a product, as in the dK/dV kernel: masked pairs give 0 whatever delta or dP hold.
-        s[j][e] = visible ? prob * (dp[j][e] - delta[r]) : 0.f;
+      for (int c = 0; c < 2; ++c) {
+        const int key = n0 + j * 8 + 2 * quad + c;
+        const bool key_ok = key_visible(p, axis, b, key);  // once per key: a mask (and index) read
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int e = 2 * r + c;
+          const bool visible =
+              key_ok && lse_log2[r] != -INFINITY && (!p.causal || key <= rows[r] + diagonal);
+          const float prob = visible ? exp2f(s[j][e] * scale_log2 - lse_log2[r]) : 0.f;
+          // A select, not a product, as in the dK/dV kernel: masked pairs give 0 whatever delta or dP hold.
+          s[j][e] = visible ? prob * (dp[j][e] - delta[r]) : 0.f;
+        }
       }
     }
 
