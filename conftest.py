@@ -1,5 +1,6 @@
-"""Shared by tests/ and benchmarks/: Triton's CPU interpreter when there is no GPU, and the ``gpu``
-marker (skipped, with the reason shown, on a machine without one).
+"""Shared by tests/ and benchmarks/: Triton's CPU interpreter when there is no GPU, the ``gpu`` marker
+(skipped, with the reason shown, on a machine without one), and the value checks of ``pk.attention``
+switched on (``kv_lengths`` / ``kv_index`` values; off by default because each is a device sync).
 
 ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` kernel is defined; the package defines its
 kernels on first use, so setting it here, before any test module imports anything, is enough.
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+os.environ.setdefault("PERCEIVER_KERNELS_CHECK_VALUES", "1")
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

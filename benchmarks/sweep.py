@@ -52,6 +52,7 @@ def sweep(shape_name: str) -> list[dict]:
     q, k, v = (t.transpose(1, 2) for t in (inputs.q, inputs.k, inputs.v))
     pad, lengths = inputs.key_padding_mask, inputs.kv_lengths
     scale = shape.dqk**-0.5
+    no_ar = (None, None, None, 0, True)  # kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved
     rows = []
 
     def timed(label: str, config, fn, flops: float) -> None:
@@ -65,14 +66,15 @@ def sweep(shape_name: str) -> list[dict]:
 
     for bm, bn, warps, stages, splits in FORWARD_CONFIGS:
         cfg = configs.LaunchConfig(bm, bn, warps, stages)
-        run = lambda cfg=cfg, splits=splits: attention_forward(q, k, v, pad, lengths, shape.causal, scale, splits, cfg)
+        run = lambda cfg=cfg, splits=splits: attention_forward(q, k, v, pad, lengths, *no_ar, shape.causal, scale,
+                                                               splits, cfg)  # fmt: skip
         timed("fwd", (cfg, f"splits={splits}"), run, shape.flops("fwd"))
-    out, lse = attention_forward(q, k, v, pad, lengths, shape.causal, scale)
+    out, lse = attention_forward(q, k, v, pad, lengths, *no_ar, shape.causal, scale)
     grad = torch.randn_like(out)
     backward_flops = shape.flops("fwd+bwd") - shape.flops("fwd")
     for cfg in BACKWARD_CONFIGS:
         run = lambda cfg=cfg: attention_backward(
-            grad, None, q, k, v, out, lse, pad, lengths, shape.causal, scale, 0, cfg
+            grad, None, q, k, v, out, lse, pad, lengths, *no_ar, shape.causal, scale, 0, cfg
         )  # fmt: skip
         timed("bwd", cfg, run, backward_flops)
     return rows

@@ -3,6 +3,7 @@
 from .functional import BACKENDS, apply_rotary, attention, backend_unavailable_reason, resolve_backend
 from .kv_cache import append_to_cache
 from .patching import PatchReport, patch, unpatch
+from .problem import set_value_checks, value_checks_enabled
 from .reference import attention_reference
 
 __version__ = "0.1.0"
@@ -18,5 +19,7 @@ __all__ = [
     "backend_unavailable_reason",
     "patch",
     "resolve_backend",
+    "set_value_checks",
     "unpatch",
+    "value_checks_enabled",
 ]

@@ -63,11 +63,9 @@ def _check_cases():
 
 def _triton_fn(num_splits: int):
     from .ops import triton_attention
+    from .testing import backend_fn
 
-    def fn(q, k, v, **kw):
-        return triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
-
-    return fn
+    return backend_fn(triton_attention, num_splits)
 
 
 class _Unsupported(Exception):
@@ -76,12 +74,15 @@ class _Unsupported(Exception):
 
 def _cuda_fn(num_splits: int):
     from .ops import cuda_attention
+    from .testing import backend_fn
+
+    run = backend_fn(cuda_attention.cuda_attention, num_splits)
 
     def fn(q, k, v, **kw):
         reason = cuda_attention.unsupported_reason(q, k, v, q.shape[-1] ** -0.5)
         if reason is not None:
             raise _Unsupported(reason)
-        return cuda_attention.cuda_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
+        return run(q, k, v, **kw)
 
     return fn
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .problem import AttentionProblem, causal_offset, describe
 from .rotary import default_positions, rotary_tables, rotate
 
 
@@ -35,14 +36,15 @@ def visible_keys(
     visible = torch.ones(1, 1, 1, num_keys, dtype=torch.bool, device=device)
     lengths: Tensor | int = num_keys
     if kv_lengths is not None:
-        lengths = kv_lengths.to(device=device, dtype=torch.long)[:, None, None, None]  # (B, 1, 1, 1)
+        # Clamped to [0, Nk] as the kernels clamp them (value checks are opt-in).
+        lengths = kv_lengths.to(device=device, dtype=torch.long).clamp(0, num_keys)[:, None, None, None]  # (B,1,1,1)
         visible = visible & (key_index < lengths)
     if key_padding_mask is not None:
         visible = visible & ~key_padding_mask[:, None, None, :].to(device)
     if causal:
         # Bottom-right alignment: the last query row lines up with the last valid key of its sample.
         query_index = torch.arange(num_queries, device=device)[:, None]
-        visible = visible & (key_index <= query_index + lengths - num_queries)
+        visible = visible & (key_index <= query_index + causal_offset(lengths, num_queries))
     return visible
 
 
@@ -51,41 +53,20 @@ def attention_reference(
     k: Tensor,
     v: Tensor,
     *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    kv_lengths: Tensor | None = None,
-    scale: float | None = None,
     return_lse: bool = False,
     compute_dtype: torch.dtype | None = None,
-    rotary_dim: int = 0,
-    q_positions: Tensor | None = None,
-    k_positions: Tensor | None = None,
-    rotary_base: float = 10000.0,
-    rotary_interleaved: bool = True,
-    kv_index: Tensor | None = None,
     dropout_p: float = 0.0,
+    **options,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Perceiver attention computed with plain PyTorch ops (differentiable).
 
     Args:
-        q: ``(Bq, Nq, H, Dqk)`` with ``Bq`` equal to ``B`` or 1 (broadcast over the batch).
-        k: ``(B, Nk, H, Dqk)``.
-        v: ``(B, Nk, H, Dv)``.
-        causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + L_b - Nq``).
-        key_padding_mask: bool ``(B, Nk)``, True marks padding.
-        kv_lengths: int ``(B,)``; keys at index ``>= kv_lengths[b]`` are ignored.
-        scale: score scale, default ``Dqk ** -0.5``.
+        q, k, v, and ``options`` (``causal``, ``key_padding_mask``, ``kv_lengths``, ``scale``,
+            ``rotary_dim``, ``q_positions``, ``k_positions``, ``rotary_base``, ``rotary_interleaved``,
+            ``kv_index``): exactly as in :func:`perceiver_kernels.attention`, validated the same way.
         return_lse: also return the float32 ``(B, H, Nq)`` log-sum-exp (natural log).
         compute_dtype: dtype of the arithmetic. Default float32 (float64 for float64 inputs). Tests
             pass the input dtype to measure what a naive low-precision computation gets wrong.
-        rotary_dim: rotate the first ``rotary_dim`` channels of every q and k head (0: no rotary);
-            see :mod:`perceiver_kernels.rotary` for the angles and the two pair layouts.
-        q_positions, k_positions: int ``(B or 1, Nq)`` / ``(B or 1, Nk)``; default
-            :func:`perceiver_kernels.rotary.default_positions`.
-        rotary_base, rotary_interleaved: the frequency base and the pair layout.
-        kv_index: int64 ``(B, Nk')``: attend only to these key rows of each sample (sorted, unique).
-            Keys keep their own positions and padding flags; ``causal`` and ``kv_lengths`` then refer
-            to the gathered axis of length ``Nk'``.
         dropout_p: dropout on the attention probabilities (perceiver-io's attention ``dropout``; the
             fused kernels have none, so the model layer trains with it through this path). The lse is
             that of the probabilities before dropout.
@@ -93,30 +74,42 @@ def attention_reference(
     Returns:
         ``(B, Nq, H, Dv)`` in q's dtype, and the lse when ``return_lse``.
     """
-    batch, num_keys = k.shape[0], k.shape[1]
-    num_queries, head_dim_qk = q.shape[1], q.shape[3]
+    out, lse = reference_attention(describe(q, k, v, **options), compute_dtype, dropout_p)
+    return (out, lse) if return_lse else out
+
+
+def reference_attention(
+    problem: AttentionProblem, compute_dtype: torch.dtype | None = None, dropout_p: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The reference backend: ``(out, lse)`` of a described problem (see :func:`attention_reference`)."""
+    q, k, v, causal, key_padding_mask, kv_lengths, kv_index, scale = problem[:8]
+    batch, num_queries, num_keys = problem.batch, problem.num_queries, problem.num_keys
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if scale is None:
-        scale = head_dim_qk**-0.5
+    rotary_dim = problem.rotary_dim
     if rotary_dim:
         default_q, default_k = default_positions(
-            batch, num_queries, num_keys, kv_lengths if kv_index is None else None, q.device
+            batch, num_queries, k.shape[1], kv_lengths if kv_index is None else None, q.device
         )
-        q_cos, q_sin = rotary_tables(default_q if q_positions is None else q_positions, rotary_dim, rotary_base)
-        k_cos, k_sin = rotary_tables(default_k if k_positions is None else k_positions, rotary_dim, rotary_base)
-        q = rotate(q, q_cos, q_sin, rotary_dim, rotary_interleaved)
-        k = rotate(k, k_cos, k_sin, rotary_dim, rotary_interleaved)
+        base, interleaved = problem.rotary_base, problem.rotary_interleaved
+        q_positions = default_q if problem.q_positions is None else problem.q_positions
+        k_positions = default_k if problem.k_positions is None else problem.k_positions
+        q = rotate(q, *rotary_tables(q_positions, rotary_dim, base), rotary_dim, interleaved)
+        k = rotate(k, *rotary_tables(k_positions, rotary_dim, base), rotary_dim, interleaved)
     if kv_index is not None:
-        rows = kv_index.to(device=k.device, dtype=torch.long)
+        # Out-of-range rows are clamped as the kernels clamp them (value checks are opt-in).
+        rows = kv_index.clamp(0, max(k.shape[1] - 1, 0))
 
         def gather(t: Tensor) -> Tensor:
             return t.gather(1, rows[:, :, None, None].expand(-1, -1, *t.shape[2:]))
 
-        k, v = gather(k), gather(v)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.gather(1, rows.to(key_padding_mask.device))
-        num_keys = rows.shape[1]
+        if k.shape[1] == 0:  # nothing to gather from: every gathered key is invisible
+            k, v = k.new_zeros((batch, num_keys, *k.shape[2:])), v.new_zeros((batch, num_keys, *v.shape[2:]))
+            key_padding_mask = torch.ones(batch, num_keys, dtype=torch.bool, device=q.device)
+        else:
+            k, v = gather(k), gather(v)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.gather(1, rows)
 
     qc = q.to(compute_dtype).expand(batch, -1, -1, -1)
     scores = torch.einsum("bqhd,bkhd->bhqk", qc, k.to(compute_dtype)) * scale  # (B, H, Nq, Nk)
@@ -145,7 +138,5 @@ def attention_reference(
     if dropout_p:
         probs = torch.nn.functional.dropout(probs, dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute_dtype)).to(q.dtype)
-    if not return_lse:
-        return out
     lse = (row_max + torch.log(safe_sum)).masked_fill(empty, float("-inf")).squeeze(-1)
     return out, lse.to(torch.float32 if compute_dtype != torch.float64 else torch.float64)

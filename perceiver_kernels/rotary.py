@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .problem import causal_offset
+
 
 def inverse_frequencies(rotary_dim: int, base: float, device: torch.device | str) -> Tensor:
     """float32 ``(rotary_dim / 2,)``."""
@@ -25,6 +27,57 @@ def rotary_tables(positions: Tensor, rotary_dim: int, base: float) -> tuple[Tens
     return angles.cos(), angles.sin()
 
 
+def rope_table(positions: Tensor, rotary_dim: int, base: float) -> Tensor:
+    """The kernels' table: float32 ``(2, *positions.shape, rotary_dim / 2)``, cos then sin (the same values
+    as :func:`rotary_tables`)."""
+    return torch.stack(rotary_tables(positions, rotary_dim, base))
+
+
+# Tables of the default positions, per (device, rotary_dim, base): positions [-P, P) at rows [0, 2P).
+_position_tables: dict[tuple, Tensor] = {}
+
+
+def _position_table(device: torch.device, rotary_dim: int, base: float, reach: int) -> tuple[Tensor, int]:
+    """``(table (2, 1, 2P, rotary_dim / 2), P)`` covering positions ``[-P, P)``, ``P >= reach``, cached
+    and grown by powers of two. Never cached while tracing (``torch.compile``) or while a CUDA graph is
+    being captured (its kernels would only run on replay)."""
+    key = (device, rotary_dim, base)
+    table = _position_tables.get(key)
+    if table is not None and table.shape[2] >= 2 * reach:
+        return table, table.shape[2] // 2
+    half = max(256, 1 << max(0, reach - 1).bit_length())
+    table = rope_table(torch.arange(-half, half, device=device)[None], rotary_dim, base)
+    transient = torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if not transient:
+        _position_tables[key] = table
+    return table, half
+
+
+def rope_tables(problem) -> tuple[Tensor, Tensor]:
+    """``(q_table, k_table)`` of a rotary :class:`~perceiver_kernels.problem.AttentionProblem`: float32
+    ``(2, 1 or B, Nq, rotary_dim / 2)`` and ``(2, 1 or B, Nk, rotary_dim / 2)`` for the positions of the
+    queries and of the (original, ungathered) key rows. Default positions (see :func:`default_positions`)
+    are views of a cached table, or, with per-sample ``kv_lengths``, one gather from it; given positions
+    are turned into tables per call."""
+    q, k, rotary_dim, base = problem.q, problem.k, problem.rotary_dim, problem.rotary_base
+    num_queries, num_rows = q.shape[1], k.shape[1]
+    q_positions, k_positions = problem.q_positions, problem.k_positions
+    if q_positions is not None and k_positions is not None:
+        return rope_table(q_positions, rotary_dim, base), rope_table(k_positions, rotary_dim, base)
+    table, half = _position_table(q.device, rotary_dim, base, max(num_rows, num_queries))
+    k_table = table[:, :, half : half + num_rows] if k_positions is None else rope_table(k_positions, rotary_dim, base)
+    if q_positions is not None:
+        q_table = rope_table(q_positions, rotary_dim, base)
+    elif problem.kv_lengths is None or problem.kv_index is not None:
+        start = half + causal_offset(num_rows, num_queries)
+        q_table = table[:, :, start : start + num_queries]
+    else:  # per sample: the last Nq of the sample's valid keys (clamped as the kernels clamp them)
+        first = problem.kv_lengths.clamp(0, num_rows) + (half - num_queries)  # (B,)
+        rows = first[:, None] + torch.arange(num_queries, device=q.device)  # (B, Nq)
+        q_table = table[:, 0, rows]  # (2, B, Nq, R/2)
+    return q_table, k_table
+
+
 def default_positions(
     batch: int, num_queries: int, num_keys: int, kv_lengths: Tensor | None, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -36,9 +89,10 @@ def default_positions(
     """
     query_index = torch.arange(num_queries, device=device)
     if kv_lengths is None:
-        q_positions = (query_index + (num_keys - num_queries))[None, :]
+        q_positions = (query_index + causal_offset(num_keys, num_queries))[None, :]
     else:
-        q_positions = kv_lengths.to(device=device, dtype=torch.int64)[:, None] - num_queries + query_index
+        lengths = kv_lengths.to(device=device, dtype=torch.int64).clamp(0, num_keys)  # as the kernels clamp them
+        q_positions = causal_offset(lengths, num_queries)[:, None] + query_index
     return q_positions, torch.arange(num_keys, device=device)[None, :]
 
 

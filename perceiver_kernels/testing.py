@@ -166,6 +166,18 @@ def make_inputs(case: AttentionCase, dtype: torch.dtype, device: torch.device | 
     return inputs
 
 
+def backend_fn(run, num_splits: int = 0, scale: float | None = None):
+    """An ``attention_fn`` for :func:`check_case`: ``fn(q, k, v, **options) -> (out, lse)`` describes the
+    call (``perceiver_kernels.problem.describe``, with ``num_splits`` forced) and hands the problem to
+    ``run``, e.g. ``ops.triton_attention`` or ``ops.cuda_attention.cuda_attention``."""
+    from .problem import describe
+
+    def fn(q, k, v, **options):
+        return run(describe(q, k, v, scale=scale, num_splits=num_splits, **options))
+
+    return fn
+
+
 def attention_options(inputs: dict) -> dict:
     """The keyword arguments of ``pk.attention`` among :func:`make_inputs`' entries (masks, rotary, kv_index)."""
     names = ("causal", "key_padding_mask", "kv_lengths", "rotary_dim", "rotary_interleaved", "q_positions",

@@ -10,7 +10,7 @@ run the SIMT kernels, the 16-bit cases with dims that are multiples of 8 the ten
 import torch
 
 from perceiver_kernels.ops import cuda_attention
-from perceiver_kernels.testing import AttentionCase, attention_options, make_inputs
+from perceiver_kernels.testing import AttentionCase, attention_options, backend_fn, make_inputs
 
 CASES = [  # (case, forced key splits)
     (AttentionCase(batch=2, nq=33, nk=129, heads=2, dqk=24, dv=40), 1),
@@ -38,7 +38,7 @@ def main() -> None:
             inputs = make_inputs(case, dtype, "cuda")
             q, k, v = inputs["q"], inputs["k"], inputs["v"]
             options = attention_options(inputs)
-            out, lse = cuda_attention.cuda_attention(q, k, v, scale=case.dqk**-0.5, num_splits=splits, **options)
+            out, lse = backend_fn(cuda_attention.cuda_attention, splits)(q, k, v, **options)
             loss = (out * inputs["grad_out"]).sum() + (torch.where(torch.isfinite(lse), lse, 0.0)).sum()
             loss.backward()
             torch.cuda.synchronize()

@@ -8,7 +8,7 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels.ops import triton_attention
-from perceiver_kernels.testing import AR_CASES, FEATURE_CASES, AttentionCase, check_case, make_inputs
+from perceiver_kernels.testing import AR_CASES, FEATURE_CASES, AttentionCase, backend_fn, check_case, make_inputs
 
 # float32 and float16 run everywhere; the interpreter cannot do bfloat16 dots, so bfloat16 is GPU-only.
 DTYPES = [
@@ -19,10 +19,7 @@ DTYPES = [
 
 
 def triton_fn(num_splits: int = 0):
-    def fn(q, k, v, **kw):
-        return triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
-
-    return fn
+    return backend_fn(triton_attention, num_splits)
 
 
 def assert_case(case: AttentionCase, dtype, device, num_splits: int = 0):
@@ -93,8 +90,7 @@ def test_public_api_matches_reference(device):
 def test_custom_scale(device):
     case = AttentionCase(nq=9, nk=40)
 
-    def fn(q, k, v, **kw):
-        return triton_attention(q, k, v, scale=0.37, **kw)
+    fn = backend_fn(triton_attention, scale=0.37)
 
     def ref(q, k, v, **kw):
         return pk.attention_reference(q, k, v, scale=0.37, return_lse=True, **kw)
@@ -109,13 +105,16 @@ def test_rows_without_keys_are_zero_and_finite(device):
     """A fully padded sample: zero output, -inf lse, zero (not NaN) gradients."""
     case = FEATURE_CASES["padding-all-padded-sample"]
     inputs = make_inputs(case, torch.float32, device)
-    out, lse = triton_attention(
-        inputs["q"], inputs["k"], inputs["v"], key_padding_mask=inputs["key_padding_mask"], scale=0.25
+    out, lse = backend_fn(triton_attention, scale=0.25)(
+        inputs["q"], inputs["k"], inputs["v"], key_padding_mask=inputs["key_padding_mask"]
     )
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
     out.sum().backward()
     assert torch.all(inputs["k"].grad[0] == 0) and torch.all(inputs["v"].grad[0] == 0)
     assert torch.isfinite(inputs["q"].grad).all()
+
+
+NO_AR = (None, None, None, 0, True)  # kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved
 
 
 class _KernelAttention(torch.autograd.Function):
@@ -126,7 +125,7 @@ class _KernelAttention(torch.autograd.Function):
         from perceiver_kernels.kernels.attention_fwd import attention_forward
 
         scale = q.shape[-1] ** -0.5
-        out, lse = attention_forward(q, k, v, key_padding_mask, kv_lengths, causal, scale, num_splits)
+        out, lse = attention_forward(q, k, v, key_padding_mask, kv_lengths, *NO_AR, causal, scale, num_splits)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths)
         ctx.args = (causal, scale, num_splits, bwd_config)
         return out, lse
@@ -139,7 +138,7 @@ class _KernelAttention(torch.autograd.Function):
         causal, scale, num_splits, bwd_config = ctx.args
         grads = attention_backward(
             grad_out.contiguous(), grad_lse.contiguous(), q, k, v, out, lse,
-            key_padding_mask, kv_lengths, causal, scale, num_splits, bwd_config,
+            key_padding_mask, kv_lengths, *NO_AR, causal, scale, num_splits, bwd_config,
         )  # fmt: skip
         return (*grads, None, None, None, None, None)
 

@@ -15,6 +15,7 @@ from perceiver_kernels.testing import (
     FEATURE_CASES,
     AttentionCase,
     attention_options,
+    backend_fn,
     check_case,
     make_inputs,
 )
@@ -143,10 +144,7 @@ MATRIX = {**FEATURE_CASES, **AR_CASES, **CUDA_CASES}
 
 
 def cuda_fn(num_splits: int = 0):
-    def fn(q, k, v, **kw):
-        return cuda_attention.cuda_attention(q, k, v, scale=q.shape[-1] ** -0.5, num_splits=num_splits, **kw)
-
-    return fn
+    return backend_fn(cuda_attention.cuda_attention, num_splits)
 
 
 @pytest.mark.gpu

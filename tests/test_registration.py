@@ -7,6 +7,7 @@ from torch.library import opcheck
 import perceiver_kernels as pk
 from perceiver_kernels.kernels.configs import interpreter_enabled
 from perceiver_kernels.ops import triton_attention
+from perceiver_kernels.testing import backend_fn
 
 
 def small_inputs(device, dtype=torch.float32, q_batch=2, requires_grad=True, heads=2, nq=5, nk=11, dqk=8, dv=4):
@@ -66,8 +67,8 @@ def test_gradcheck_float64(causal):
     mask[:, 0] = False  # keep every sample with at least one key so lse stays finite
 
     def fn(q, k, v):
-        out, lse = triton_attention(
-            q, k, v, causal=causal, key_padding_mask=mask, kv_lengths=lengths, scale=0.4, num_splits=2
+        out, lse = backend_fn(triton_attention, num_splits=2, scale=0.4)(
+            q, k, v, causal=causal, key_padding_mask=mask, kv_lengths=lengths
         )
         return out, torch.where(torch.isfinite(lse), lse, 0.0)
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from perceiver_kernels.ops import cuda_attention, cuda_extension
-from perceiver_kernels.ops.triton_attention import rotary_inputs
+from perceiver_kernels.ops.arguments import op_arguments
+from perceiver_kernels.problem import describe
 from perceiver_kernels.testing import (
     AR_CASES,
     CUDA_CASES,
@@ -126,12 +127,8 @@ def emulated_fn(num_splits: int, seed: int, tensor_cores: bool = False):
     """``attention_fn`` for ``check_case``: arguments as ``pk.attention``, through the emulated kernels
     (tensor-core or SIMT)."""
 
-    def fn(q, k, v, *, causal=False, key_padding_mask=None, kv_lengths=None, rotary_dim=0, rotary_interleaved=True,
-           q_positions=None, k_positions=None, kv_index=None):  # fmt: skip
-        scale = q.shape[-1] ** -0.5
-        q, q_rope, k_rope = rotary_inputs(q, k, rotary_dim, q_positions, k_positions, 10000.0, kv_lengths, kv_index)
-        return Emulated.apply(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim,
-                              rotary_interleaved, causal, scale, num_splits, tensor_cores, seed)  # fmt: skip
+    def fn(q, k, v, **options):
+        return Emulated.apply(*op_arguments(describe(q, k, v, num_splits=num_splits, **options)), tensor_cores, seed)
 
     return fn
 

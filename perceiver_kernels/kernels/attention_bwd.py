@@ -13,6 +13,9 @@ chunks computing dV, one over qk-dim chunks computing dK and dQ, each recomputin
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +23,7 @@ import triton.language as tl
 from . import configs
 from .common import (
     LOG2E,
-    Rope,
+    Prologue,
     _key_kept,
     _key_rows,
     _kv_length,
@@ -29,12 +32,14 @@ from .common import (
     _scores,
     _split_key_range,
     _visible,
-    acc_dtype,
-    dot_precision,
-    mask_args,
-    rope_args,
+    causal_offset,
+    kernel_inputs,
+    prologue,
+    signature,
     with_head_dim,
 )
+from .launch import launch
+from .rotary import sum_and_rotate
 
 
 @triton.jit
@@ -75,9 +80,9 @@ def _bwd_delta_kernel(
 @triton.jit
 def _dkdv_query_loop(
     dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row, q_rope, k_rope,
-    offs_n, rows, n_mask, offs_dk, offs_dv, start, end, kv_len, causal_offset, qk_scale, sm_scale,
+    offs_n, rows, n_mask, offs_dk, offs_dv, start, end, kv_len, offset, qk_scale, sm_scale,
     stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, stride_qrs, stride_qrn, stride_krs, stride_krn,
-    Nq, DQK, DV, ROT_DIM,
+    Nq, DQK, DV, ROT_DIM, DQK_OUT,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -115,7 +120,7 @@ def _dkdv_query_loop(
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
         if MASKED:
-            visible_t = _visible(offs_m[None, :], offs_n[:, None], kv_len, causal_offset, CAUSAL)
+            visible_t = _visible(offs_m[None, :], offs_n[:, None], kv_len, offset, CAUSAL)
             p_t = tl.where(visible_t, p_t, 0.0)
         if HAS_PAD:
             p_t = tl.where(keep[:, None], p_t, 0.0)
@@ -146,7 +151,7 @@ def _dkdv_query_loop(
                 tl.atomic_add(
                     dq_base + offs_m[:, None].to(tl.int64) * stride_aqm + offs_dk[None, :],
                     dq * sm_scale,
-                    mask=m_mask[:, None] & (offs_dk[None, :] < DQK),
+                    mask=m_mask[:, None] & (offs_dk[None, :] < DQK_OUT),
                 )
     return dk, dv
 
@@ -154,19 +159,19 @@ def _dkdv_query_loop(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DQacc, DK, DV_, KeyPad, KvLen, KvIndex, QRope, KRope,
+    stride_gb, stride_gm, stride_gh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
-    stride_gb, stride_gm, stride_gh,
     stride_lb, stride_lh,
     stride_aqb, stride_aqm, stride_aqh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh,
     stride_pb, stride_pn,
     stride_ib,
     stride_qrs, stride_qrb, stride_qrn,
     stride_krs, stride_krb, stride_krn,
-    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM,
+    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM, DQK_OUT, DV_OUT,
     qk_scale, sm_scale, num_n_blocks, num_z,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -177,7 +182,8 @@ def _bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_N keys of one (batch, head) and, on the chunked path, one head-dim chunk
-    # (a v chunk when computing dV, a qk chunk when computing dK/dQ).
+    # (a v chunk when computing dV, a qk chunk when computing dK/dQ). DQK/DV are the loaded (16-aligned)
+    # head dims, DQK_OUT/DV_OUT the gradients'.
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
     rest = pid // num_n_blocks
@@ -210,7 +216,7 @@ def _bwd_dkdv_kernel(
     offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
     kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
-    causal_offset = kv_len - Nq
+    offset = causal_offset(kv_len, Nq)
     n_mask = offs_n < kv_len
     rows = _key_rows(KvIndex + b * stride_ib, offs_n, offs_n < Nk, Nk_rows, HAS_KV_INDEX)
     keep = n_mask
@@ -229,7 +235,7 @@ def _bwd_dkdv_kernel(
     else:
         v = v_base  # unused
 
-    # Query i sees key j iff j <= i + causal_offset. Query blocks below m_start see nothing of this
+    # Query i sees key j iff j <= i + offset. Query blocks below m_start see nothing of this
     # key block; from m_full on every row sees all of it, so only [m_start, m_full) needs the index
     # mask. A key block reaching past kv_lengths[b] is masked throughout, and one wholly past it
     # skips the loops and stores dK = dV = 0.
@@ -237,8 +243,8 @@ def _bwd_dkdv_kernel(
     m_start = 0
     m_full = 0
     if CAUSAL:
-        m_start = (tl.maximum(n_start - causal_offset, 0) // BLOCK_M) * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+        m_start = (tl.maximum(n_start - offset, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
     m_full = tl.where(n_start + BLOCK_N > kv_len, m_end, m_full)
     m_full = tl.minimum(tl.maximum(m_full, m_start), m_end)
 
@@ -246,17 +252,17 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC_DTYPE)
     dk, dv = _dkdv_query_loop(
         dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row, q_rope, k_rope,
-        offs_n, rows, n_mask, offs_dk, offs_dv, m_start, m_full, kv_len, causal_offset, qk_scale, sm_scale,
+        offs_n, rows, n_mask, offs_dk, offs_dv, m_start, m_full, kv_len, offset, qk_scale, sm_scale,
         stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, stride_qrs, stride_qrn, stride_krs, stride_krn,
-        Nq, DQK, DV, ROT_DIM,
+        Nq, DQK, DV, ROT_DIM, DQK_OUT,
         True, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ, ROTARY, INTERLEAVED,
         BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     dk, dv = _dkdv_query_loop(
         dk, dv, k, v, keep, q_base, do_base, dq_base, k_base, v_base, lse_row, delta_row, q_rope, k_rope,
-        offs_n, rows, n_mask, offs_dk, offs_dv, m_full, m_end, kv_len, causal_offset, qk_scale, sm_scale,
+        offs_n, rows, n_mask, offs_dk, offs_dv, m_full, m_end, kv_len, offset, qk_scale, sm_scale,
         stride_qm, stride_kn, stride_vn, stride_gm, stride_aqm, stride_qrs, stride_qrn, stride_krs, stride_krn,
-        Nq, DQK, DV, ROT_DIM,
+        Nq, DQK, DV, ROT_DIM, DQK_OUT,
         False, CAUSAL, HAS_PAD, COMPUTE_DV, COMPUTE_DKDQ, ATOMIC_DQ, ROTARY, INTERLEAVED,
         BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, NUM_DV, DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
@@ -267,17 +273,17 @@ def _bwd_dkdv_kernel(
     out_rows = rows[:, None].to(tl.int64)
     if COMPUTE_DV:
         dv_ptrs = DV_ + b * stride_dvb + h * stride_dvh + out_rows * stride_dvn + offs_dv[None, :]
-        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
+        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV_OUT))
     if COMPUTE_DKDQ:
         dk_ptrs = DK + b * stride_dkb + h * stride_dkh + out_rows * stride_dkn + offs_dk[None, :]
         dk = dk * sm_scale
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_mask & (offs_dk[None, :] < DQK))
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_mask & (offs_dk[None, :] < DQK_OUT))
 
 
 @triton.jit
 def _dq_key_loop(
     dq, q, do, lse, delta, k_base, v_base, pad_row, kv_index_row, k_rope, offs_m, start, end, key_end,
-    causal_offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
+    offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -296,7 +302,7 @@ def _dq_key_loop(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], key_end, causal_offset, CAUSAL), p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], key_end, offset, CAUSAL), p, 0.0)
         if HAS_PAD:
             p = tl.where(_key_kept(pad_row, rows, n_mask, stride_pn)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -307,26 +313,30 @@ def _dq_key_loop(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, KeyPad, KvLen, KvIndex, QRope, KRope,
+    Q, K, V, DOut, Out, DLse, Lse, Delta, DQ, KeyPad, KvLen, KvIndex, QRope, KRope,
+    stride_gb, stride_gm, stride_gh,
+    stride_ob, stride_om, stride_oh,
+    stride_glb, stride_glh,
+    stride_ds, stride_db, stride_dm, stride_dh,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
-    stride_gb, stride_gm, stride_gh,
     stride_lb, stride_lh,
-    stride_ds, stride_db, stride_dm, stride_dh,
     stride_pb, stride_pn,
     stride_ib,
     stride_qrs, stride_qrb, stride_qrn,
     stride_krs, stride_krb, stride_krn,
-    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM,
+    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM, DQK_OUT,
     qk_scale, sm_scale, keys_per_split, num_m_blocks, num_splits,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
-    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M queries x one key split of one (batch, head), like the forward. Each
-    # split writes its own partial dQ (no atomics); the launcher sums the splits.
+    # split writes its own partial dQ (no atomics), or dQ itself when there is one split. The row
+    # term delta = rowsum(dO * O) - dlse is computed here from the rows already at hand (no pass of
+    # its own); split 0 stores it for the dK/dV kernel, which runs after this one.
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     rest = pid // num_m_blocks
@@ -338,19 +348,23 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < Nq
     kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
-    causal_offset = kv_len - Nq
-    lo, key_end, hi, full_end = _split_key_range(
-        pid_m, split, keys_per_split, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-    )
+    offset = causal_offset(kv_len, Nq)
+    lo, key_end, hi, full_end = _split_key_range(pid_m, split, keys_per_split, kv_len, offset, CAUSAL, BLOCK_M, BLOCK_N)
 
     q = _load_tile(
         Q + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qm, tl.arange(0, BLOCK_DK), DQK,
         QRope + b * stride_qrb, stride_qrs, stride_qrn, ROT_DIM, ROTARY, INTERLEAVED, ACC_DTYPE,
     )  # fmt: skip
-    do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, m_mask, stride_gm, tl.arange(0, BLOCK_DV), DV)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, m_mask, stride_gm, offs_dv, DV)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_mask, stride_om, offs_dv, DV)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+    if HAS_DLSE:
+        # A gradient flowing into lse adds P to dS, which is the same as lowering delta by dlse.
+        delta -= tl.load(DLse + b * stride_glb + h * stride_glh + offs_m, mask=m_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(Delta + b * stride_lb + h * stride_lh + offs_m, delta, mask=m_mask & (split == 0))
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(Delta + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     pad_row = KeyPad + b * stride_pb
@@ -360,13 +374,13 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_DK], ACC_DTYPE)
     dq = _dq_key_loop(
         dq, q, do, lse, delta, k_base, v_base, pad_row, kv_index_row, k_rope, offs_m, lo, full_end, key_end,
-        causal_offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
+        offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
         False, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED, BLOCK_N, BLOCK_DK, BLOCK_DV,
         DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     dq = _dq_key_loop(
         dq, q, do, lse, delta, k_base, v_base, pad_row, kv_index_row, k_rope, offs_m, full_end, hi, key_end,
-        causal_offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
+        offset, qk_scale, stride_kn, stride_vn, stride_pn, stride_krs, stride_krn, Nk_rows, DQK, DV, ROT_DIM,
         True, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED, BLOCK_N, BLOCK_DK, BLOCK_DV,
         DOT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
@@ -375,7 +389,100 @@ def _bwd_dq_kernel(
         DQ + split.to(tl.int64) * stride_ds + b * stride_db + h * stride_dh
         + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :]
     )  # fmt: skip
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & (offs_d[None, :] < DQK))
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & (offs_d[None, :] < DQK_OUT))
+
+
+class BackwardPlan(NamedTuple):
+    """A backward, planned once per signature: which kernels run, their grids and scalar arguments
+    (all but the strides of what the caller hands in: dO, out, dlse, and the gradients' layouts).
+
+    Launch order: the split dQ kernel (which also computes delta), then dK/dV, then what turns float32
+    buffers into gradients (``kernels/rotary.py``'s sum-and-rotate: split partials, a broadcast
+    query's batch, rotary's inverse rotation). The atomic dQ path (head dims above the fast path, or
+    ``dq_mode="atomic"``) computes delta in a pass of its own first.
+    """
+
+    pro: Prologue
+    dq_split: bool  # dQ by the split kernel (else atomics from the dK/dV kernel into a float32 buffer)
+    num_splits: int
+    dq_direct: bool  # the split kernel writes dq itself (one split, no broadcast, no rotary)
+    dq_grid: tuple[int]
+    dq_ints: tuple
+    dq_constexprs: dict
+    delta_grid: tuple[int]  # atomic path only
+    delta_ints: tuple
+    delta_constexprs: dict
+    dkdv: tuple  # ((grid, ints, constexprs), ...): one launch, or two above the fast path
+
+
+@functools.lru_cache(maxsize=1024)
+def backward_plan(
+    sig: tuple, scale: float, num_splits: int, has_dlse: bool, config: configs.BackwardConfig | None
+) -> BackwardPlan:
+    """The :class:`BackwardPlan` of a :func:`~.common.signature`; ``num_splits`` 0 asks the heuristic."""
+    pro = prologue(sig)
+    batch, heads, num_queries, num_keys = pro.batch, pro.heads, pro.num_queries, pro.num_keys
+    qk_tiles, v_tiles = pro.qk_tiles, pro.v_tiles
+    fast_path = qk_tiles.num_chunks == 1 and v_tiles.num_chunks == 1
+    cfg = config or configs.backward_config(pro.kernel_head_dim_qk, pro.kernel_head_dim_v, pro.is_cuda)
+    # The split dQ kernel keeps whole q/dO rows in registers: fast path only.
+    dq_split = cfg.dq_mode == "split" and fast_path
+    flags = pro.flags
+    lse_strides = configs.contiguous_strides((batch, heads, num_queries))[:2]  # lse and delta
+    inputs = (*pro.input_strides, *lse_strides)
+    dq_grid, dq_ints, dq_constexprs, dq_direct = (0,), (), {}, False
+    delta_grid, delta_ints, delta_constexprs = (0,), (), {}
+    if dq_split:
+        num_m_blocks = configs.cdiv(num_queries, cfg.dq_block_m)
+        num_splits, keys_per_split = configs.plan_kv_splits(
+            num_splits, batch * heads * num_m_blocks, num_keys, cfg.dq_block_n, pro.device_index
+        )
+        dq_direct = num_splits == 1 and not pro.broadcast_q and not flags["ROTARY"]
+        dq_grid = (num_m_blocks * num_splits * batch * heads,)
+        dq_ints = (
+            *inputs, *pro.mask_strides, *pro.sizes, pro.head_dim_qk, scale * LOG2E, scale, keys_per_split,
+            num_m_blocks, num_splits,
+        )  # fmt: skip
+        dq_constexprs = dict(
+            **flags, HAS_DLSE=has_dlse, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_DK=qk_tiles.block,
+            BLOCK_DV=v_tiles.block, num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages,
+        )  # fmt: skip
+        dq_acc_strides = (0, 0, 0)  # no atomic buffer
+    else:
+        num_splits = 1
+        delta_block_m = 64 if pro.is_cuda else 16
+        delta_blocks = configs.cdiv(num_queries, delta_block_m)
+        delta_grid = (delta_blocks * batch * heads,)
+        delta_ints = (*lse_strides, heads, num_queries, pro.kernel_head_dim_v, delta_blocks)
+        delta_constexprs = dict(
+            HAS_DLSE=has_dlse, BLOCK_M=delta_block_m, BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
+            ACC_DTYPE=flags["ACC_DTYPE"],
+        )  # fmt: skip
+        # A broadcast batch-1 query's buffer gets batch stride 0: every sample adds into the same rows.
+        dq_acc_strides = configs.contiguous_strides((1 if pro.broadcast_q else batch, num_queries, heads,
+                                                     pro.head_dim_qk))[:3]  # fmt: skip
+        if pro.broadcast_q:
+            dq_acc_strides = (0, *dq_acc_strides[1:])
+    num_n_blocks = configs.cdiv(num_keys, cfg.block_n)
+    constexprs = dict(
+        **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=qk_tiles.block, NUM_DK=qk_tiles.num_chunks,
+        BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks, ATOMIC_DQ=not dq_split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    ints = (*inputs, *dq_acc_strides, *pro.mask_strides, *pro.sizes, pro.head_dim_qk, pro.head_dim_v,
+            scale * LOG2E, scale, num_n_blocks)  # fmt: skip
+    if fast_path:
+        chunks = ((1, True, True),)
+    else:  # dV over v-dim chunks, then dK (and dQ's atomics) over qk-dim chunks
+        chunks = ((v_tiles.num_chunks, True, False), (qk_tiles.num_chunks, False, True))
+    dkdv = tuple(
+        ((num_n_blocks * num_z * batch * heads,), (*ints, num_z), dict(constexprs, COMPUTE_DV=dv, COMPUTE_DKDQ=dkdq))
+        for num_z, dv, dkdq in chunks
+    )
+    return BackwardPlan(
+        pro, dq_split, num_splits, dq_direct, dq_grid, dq_ints, dq_constexprs, delta_grid, delta_ints,
+        delta_constexprs, dkdv,
+    )  # fmt: skip
 
 
 def attention_backward(
@@ -388,160 +495,86 @@ def attention_backward(
     lse: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     kv_lengths: torch.Tensor | None,
+    kv_index: torch.Tensor | None,
+    q_rope: torch.Tensor | None,
+    k_rope: torch.Tensor | None,
+    rotary_dim: int,
+    rotary_interleaved: bool,
     causal: bool,
     scale: float,
     num_splits: int = 0,
     config: configs.BackwardConfig | None = None,
-    kv_index: torch.Tensor | None = None,
-    rope: Rope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`attention_forward` with respect to q, k and v.
+    """Gradients of :func:`attention_forward`; the arguments are the ``triton_attention_bwd`` op's.
 
     Args:
         grad_out: ``(B, Nq, H, Dv)``, last dim contiguous; grad_lse: ``(B, H, Nq)`` or None.
-        q, k, v, key_padding_mask, kv_lengths, causal, scale, kv_index, rope: as given to the forward.
-        out, lse: the forward's outputs.
+        q ... scale: as given to the forward; out, lse: its outputs.
         num_splits: key-axis splits of the dQ pass (split dQ mode); 0 chooses from the SM count.
         config: tiles and dQ strategy; default ``configs.backward_config`` (benchmarks sweep it).
 
     Returns:
-        ``dq (Bq, Nq, H, Dqk)`` (summed over the batch when ``Bq == 1``), ``dk``, ``dv`` shaped like
-        q, k and v, in the inputs' dtype.
+        ``dq`` (summed over the batch when ``Bq == 1``), ``dk``, ``dv`` shaped like q, k and v and laid out
+        as ``torch.empty_like`` lays them out (a permuted input gets a permuted gradient, so autograd adds
+        no copy), in the inputs' dtype.
     """
-    batch, num_rows, heads, head_dim_qk_in = k.shape
-    num_keys = num_rows if kv_index is None else kv_index.shape[1]
-    num_queries, head_dim_v_in = q.shape[1], v.shape[3]
-    head_dim_qk = configs.aligned_head_dim(head_dim_qk_in, configs.QK_CHUNK)
-    head_dim_v = configs.aligned_head_dim(head_dim_v_in, configs.V_CHUNK)
-    q, k = with_head_dim(q, head_dim_qk), with_head_dim(k, head_dim_qk)
-    v, out, grad_out = (with_head_dim(t, head_dim_v) for t in (v, out, grad_out))
-    is_cuda = q.device.type == "cuda"
-    qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
-    v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
-    fast_path = qk_tiles.num_chunks == 1 and v_tiles.num_chunks == 1
-    cfg = config or configs.backward_config(head_dim_qk, head_dim_v, is_cuda)
-    # The split dQ kernel keeps whole q/dO rows in registers: fast path only.
-    atomic_dq = cfg.dq_mode == "atomic" or not fast_path
-    acc = acc_dtype(q.dtype)
-    stats_dtype = lse.dtype
-    broadcast_q = q.shape[0] == 1 and batch > 1
-    q_batch_stride = 0 if broadcast_q else q.stride(0)
-    pad, pad_stride_b, pad_stride_n, lengths = mask_args(q, key_padding_mask, kv_lengths)
-    index = kv_index if kv_index is not None else lengths.new_empty(0)
-    q_rope, k_rope = rope_args(rope, "q", q), rope_args(rope, "k", q)
-    rotary_dim = rope.rotary_dim if rope else 0
-    flags = dict(
-        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None,
-        HAS_KV_INDEX=kv_index is not None, ROTARY=rope is not None, INTERLEAVED=rope is None or rope.interleaved,
-    )  # fmt: skip
-    gather_args = (index.stride(0) if kv_index is not None else 0, *q_rope[1:], *k_rope[1:])
-
-    delta = torch.empty((batch, heads, num_queries), device=q.device, dtype=stats_dtype)
-    delta_block_m = 64 if is_cuda else 16
-    delta_blocks = triton.cdiv(num_queries, delta_block_m)
-    _bwd_delta_kernel[(delta_blocks * batch * heads,)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        *(grad_lse.stride()[:2] if grad_lse is not None else (0, 0)),
-        delta.stride(0), delta.stride(1),
-        heads, num_queries, head_dim_v, delta_blocks,
-        HAS_DLSE=grad_lse is not None, BLOCK_M=delta_block_m,
-        BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks, ACC_DTYPE=acc,
-    )  # fmt: skip
-
-    if atomic_dq:
-        # float32 accumulator (float64 for float64 inputs). A broadcast batch-1 query gets batch
-        # stride 0, so every sample adds into the same rows: the batch sum for free.
-        dq_buf = torch.zeros((q.shape[0], num_queries, heads, head_dim_qk), device=q.device, dtype=stats_dtype)
-    else:
-        dq_buf = q.new_empty(0)
-    # With rotary, dK comes out in the rotated frame and is turned back afterwards: keep it in
-    # float32 until then. With kv_index, rows that are not gathered get no store: start from zeros.
-    new = torch.zeros if kv_index is not None else torch.empty
-    dk = new(k.shape, device=k.device, dtype=stats_dtype if rope is not None else k.dtype)
-    dv = new(v.shape, device=v.device, dtype=v.dtype)
-    num_n_blocks = triton.cdiv(num_keys, cfg.block_n)
-
-    def launch_dkdv(num_z: int, compute_dv: bool, compute_dkdq: bool) -> None:
-        _bwd_dkdv_kernel[(num_n_blocks * num_z * batch * heads,)](
-            q, k, v, grad_out, lse, delta, dq_buf, dk, dv, pad, lengths, index, q_rope[0], k_rope[0],
-            q_batch_stride, q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            lse.stride(0), lse.stride(1),
-            *((0 if broadcast_q else dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2)) if atomic_dq else (0, 0, 0)),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            pad_stride_b, pad_stride_n, *gather_args,
-            heads, num_queries, num_keys, num_rows, head_dim_qk, head_dim_v, rotary_dim,
-            scale * LOG2E, scale, num_n_blocks, num_z, **flags,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_DK=qk_tiles.block, NUM_DK=qk_tiles.num_chunks,
-            BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
-            COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq, ATOMIC_DQ=atomic_dq and compute_dkdq,
-            DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    if kv_index is not None and k.shape[1] == 0:
+        kv_index = kv_index[:, :0]  # nothing was gathered: every gradient is zero
+    sig = signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
+                    causal)  # fmt: skip
+    plan = backward_plan(sig, scale, num_splits, grad_lse is not None, config)
+    pro = plan.pro
+    # Rows that are not gathered (kv_index) get no store: they start from zero.
+    new_like = torch.empty_like if kv_index is None else torch.zeros_like
+    dq, dv = torch.empty_like(q), new_like(v)
+    if plan.dkdv[0][0][0] == 0 or pro.num_keys == 0:  # nothing to compute: zero gradients
+        return dq.zero_(), new_like(k).zero_(), dv.zero_()
+    stats = lse.dtype
+    lse = lse.contiguous()
+    q_in, k_in, v_in, *masks = kernel_inputs(pro, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    if pro.copy_v:  # out and dO are read with v's kernel head dim
+        out, grad_out = with_head_dim(out, pro.kernel_head_dim_v), with_head_dim(grad_out, pro.kernel_head_dim_v)
+    if q_rope is None:
+        dk = new_like(k)
+    else:  # float32 while it is in the rotated frame; turned back below
+        dk = q.new_zeros if kv_index is not None else q.new_empty
+        dk = dk((pro.batch, pro.num_rows, pro.heads, pro.head_dim_qk), dtype=stats)
+    delta = torch.empty_like(lse)
+    dlse = lse if grad_lse is None else grad_lse
+    g_strides = grad_out.stride()[:3]
+    dlse_strides = dlse.stride()[:2]
+    if plan.dq_split:
+        if plan.dq_direct:
+            dq_buf, dq_strides = dq, (0, *dq.stride()[:3])
+        else:
+            dq_buf = q.new_empty((plan.num_splits, pro.batch, *dq.shape[1:]), dtype=stats)
+            dq_strides = dq_buf.stride()[:4]
+        launch(
+            _bwd_dq_kernel, plan.dq_grid,
+            (q_in, k_in, v_in, grad_out, out, dlse, lse, delta, dq_buf, *masks,
+             *g_strides, *out.stride()[:3], *dlse_strides, *dq_strides, *plan.dq_ints),
+            plan.dq_constexprs,
         )  # fmt: skip
-
-    if fast_path:
-        launch_dkdv(1, compute_dv=True, compute_dkdq=True)
+        dq_acc = q  # unused by the dK/dV kernel
     else:
-        launch_dkdv(v_tiles.num_chunks, compute_dv=True, compute_dkdq=False)
-        launch_dkdv(qk_tiles.num_chunks, compute_dv=False, compute_dkdq=True)
-    dk = _turn_back(dk, rope, "k", k.dtype)
-    if atomic_dq:
-        return _unpad(_turn_back(dq_buf, rope, "q", q.dtype), dk, dv, head_dim_qk_in, head_dim_v_in)
-
-    # Split dQ: parallel over query blocks and key splits, like the forward.
-    num_m_blocks = triton.cdiv(num_queries, cfg.dq_block_m)
-    num_splits, keys_per_split = configs.plan_kv_splits(
-        num_splits, batch * heads * num_m_blocks, num_keys, cfg.dq_block_n, q.device.index if is_cuda else None
-    )
-    # Write dq itself when there are no partial sums to reduce and nothing to rotate back.
-    direct = num_splits == 1 and not broadcast_q and rope is None
-    if direct:
-        dq_part = torch.empty_like(q, memory_format=torch.contiguous_format).unsqueeze(0)
-    else:
-        dq_part = torch.empty((num_splits, batch, num_queries, heads, head_dim_qk), device=q.device, dtype=stats_dtype)
-    _bwd_dq_kernel[(num_m_blocks * num_splits * batch * heads,)](
-        q, k, v, grad_out, lse, delta, dq_part, pad, lengths, index, q_rope[0], k_rope[0],
-        q_batch_stride, q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        lse.stride(0), lse.stride(1),
-        dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dq_part.stride(3),
-        pad_stride_b, pad_stride_n, *gather_args,
-        heads, num_queries, num_keys, num_rows, head_dim_qk, head_dim_v, rotary_dim,
-        scale * LOG2E, scale, keys_per_split, num_m_blocks, num_splits, **flags,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_DK=qk_tiles.block, BLOCK_DV=v_tiles.block,
-        DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc,
-        num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages,
-    )  # fmt: skip
-    if direct:
-        dq = dq_part.squeeze(0)
-    else:
-        dq = dq_part.sum(dim=(0, 1) if broadcast_q else 0, keepdim=False)
-        dq = _turn_back(dq.unsqueeze(0) if broadcast_q else dq, rope, "q", q.dtype)
-    return _unpad(dq, dk, dv, head_dim_qk_in, head_dim_v_in)
-
-
-def _turn_back(grad: torch.Tensor, rope: Rope | None, which: str, dtype: torch.dtype) -> torch.Tensor:
-    """A gradient computed against rotated q or k, rotated back (the inverse rotation is the
-    transpose) and cast to the input dtype; only cast without rotary."""
-    if rope is None:
-        return grad.to(dtype)
-    from .rotary import rotate
-
-    return rotate(grad, getattr(rope, which), rope.rotary_dim, rope.interleaved, inverse=True, out_dtype=dtype)
-
-
-def _unpad(dq, dk, dv, head_dim_qk: int, head_dim_v: int):
-    """Drop the zero-padded head-dim columns added by ``with_head_dim``."""
-    if dq.shape[-1] != head_dim_qk:
-        dq, dk = dq[..., :head_dim_qk].contiguous(), dk[..., :head_dim_qk].contiguous()
-    if dv.shape[-1] != head_dim_v:
-        dv = dv[..., :head_dim_v].contiguous()
+        launch(
+            _bwd_delta_kernel, plan.delta_grid,
+            (out, grad_out, dlse, delta, *out.stride()[:3], *g_strides, *dlse_strides, *plan.delta_ints),
+            plan.delta_constexprs,
+        )  # fmt: skip
+        dq_buf = dq_acc = q.new_zeros((q.shape[0], *dq.shape[1:]), dtype=stats)
+    for grid, ints, constexprs in plan.dkdv:
+        launch(
+            _bwd_dkdv_kernel, grid,
+            (q_in, k_in, v_in, grad_out, lse, delta, dq_acc, dk, dv, *masks,
+             *g_strides, *dk.stride()[:3], *dv.stride()[:3], *ints),
+            constexprs,
+        )  # fmt: skip
+    if q_rope is not None:
+        dk = sum_and_rotate(dk[None], torch.empty_like(k), k_rope, rotary_dim, rotary_interleaved, inverse=True)
+    if not plan.dq_direct:
+        parts = dq_buf if plan.dq_split else dq_buf[None]
+        if pro.broadcast_q:  # the partials of every sample add into the one query
+            parts = parts.flatten(0, 1)[:, None]
+        dq = sum_and_rotate(parts, dq, q_rope, rotary_dim, rotary_interleaved, inverse=True)
     return dq, dk, dv

@@ -8,6 +8,9 @@ indices in-kernel; nothing of size ``Nq x Nk`` is ever written.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -15,7 +18,7 @@ import triton.language as tl
 from . import configs
 from .common import (
     LOG2E,
-    Rope,
+    Prologue,
     _key_kept,
     _key_rows,
     _kv_length,
@@ -24,18 +27,18 @@ from .common import (
     _scores,
     _split_key_range,
     _visible,
-    acc_dtype,
-    dot_precision,
-    mask_args,
-    rope_args,
-    with_head_dim,
+    causal_offset,
+    kernel_inputs,
+    prologue,
+    signature,
 )
+from .launch import launch
 
 
 @triton.jit
 def _fwd_key_loop(
     acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, kv_index_row, q_rope, k_rope, offs_m, m_mask, offs_dv,
-    start, end, key_end, causal_offset, qk_scale,
+    start, end, key_end, offset, qk_scale,
     stride_qm, stride_kn, stride_vn, stride_pn, stride_qrs, stride_qrn, stride_krs, stride_krn,
     Nk_rows, DQK, DV, ROT_DIM,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
@@ -57,7 +60,7 @@ def _fwd_key_loop(
         )  # fmt: skip
         s = s * qk_scale
         if MASKED:
-            visible = _visible(offs_m[:, None], offs_n[None, :], key_end, causal_offset, CAUSAL)
+            visible = _visible(offs_m[:, None], offs_n[None, :], key_end, offset, CAUSAL)
             if HAS_PAD:
                 visible = visible & _key_kept(pad_row, rows, n_mask, stride_pn)[None, :]
             s = tl.where(visible, s, float("-inf"))
@@ -88,7 +91,7 @@ def _fwd_kernel(
     stride_ib,
     stride_qrs, stride_qrb, stride_qrn,
     stride_krs, stride_krb, stride_krn,
-    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM,
+    H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM, DV_OUT,
     qk_scale, keys_per_split, num_m_blocks, num_z,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -100,6 +103,7 @@ def _fwd_kernel(
     # One program: BLOCK_M queries x one v-dim chunk x one key split of one (batch, head).
     # Query blocks of the same (batch, head, split) are adjacent in launch order so they share
     # K/V tiles in L2. Nk is the (gathered) key axis the program walks; Nk_rows the rows of k/v.
+    # DQK/DV are the loaded (16-aligned) head dims, DV_OUT the output's.
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     rest = pid // num_m_blocks
@@ -123,10 +127,8 @@ def _fwd_kernel(
     m_mask = offs_m < Nq
 
     kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
-    causal_offset = kv_len - Nq
-    lo, key_end, hi, full_end = _split_key_range(
-        pid_m, split, keys_per_split, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-    )
+    offset = causal_offset(kv_len, Nq)
+    lo, key_end, hi, full_end = _split_key_range(pid_m, split, keys_per_split, kv_len, offset, CAUSAL, BLOCK_M, BLOCK_N)
 
     if NUM_DK == 1:
         # Fast path: the whole (rotated) q tile stays in registers for the key loop.
@@ -142,7 +144,7 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, kv_index_row, q_rope, k_rope, offs_m, m_mask, offs_dv,
-        lo, full_end, key_end, causal_offset, qk_scale,
+        lo, full_end, key_end, offset, qk_scale,
         stride_qm, stride_kn, stride_vn, stride_pn, stride_qrs, stride_qrn, stride_krs, stride_krn,
         Nk_rows, DQK, DV, ROT_DIM,
         False, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED,
@@ -150,7 +152,7 @@ def _fwd_kernel(
     )  # fmt: skip
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q, q_base, k_base, v_base, pad_row, kv_index_row, q_rope, k_rope, offs_m, m_mask, offs_dv,
-        full_end, hi, key_end, causal_offset, qk_scale,
+        full_end, hi, key_end, offset, qk_scale,
         stride_qm, stride_kn, stride_vn, stride_pn, stride_qrs, stride_qrn, stride_krs, stride_krn,
         Nk_rows, DQK, DV, ROT_DIM,
         True, CAUSAL, HAS_PAD, HAS_KV_INDEX, ROTARY, INTERLEAVED,
@@ -170,7 +172,7 @@ def _fwd_kernel(
         + offs_m[:, None].to(tl.int64) * stride_om
         + offs_dv[None, :]
     )
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & (offs_dv[None, :] < DV_OUT))
     lse_ptrs = Lse + split.to(tl.int64) * stride_ls + b * stride_lb + h * stride_lh + offs_m
     tl.store(lse_ptrs, lse, mask=m_mask & (dv_chunk == 0))
 
@@ -232,99 +234,114 @@ def _merge_splits_kernel(
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=tile_mask)
 
 
+class ForwardPlan(NamedTuple):
+    """A forward launch, planned once per input signature: all but the tensors' data."""
+
+    pro: Prologue
+    num_splits: int
+    grid: tuple[int]
+    out_shape: tuple[int, ...]  # (B, Nq, H, Dv)
+    lse_shape: tuple[int, ...]  # (B, H, Nq)
+    ints: tuple  # the forward kernel's scalar arguments, after its ten pointers
+    constexprs: dict
+    merge_grid: tuple[int] | None  # split-KV merge (None: a single split writes out directly)
+    merge_ints: tuple
+    merge_constexprs: dict
+
+
+@functools.lru_cache(maxsize=1024)
+def forward_plan(sig: tuple, scale: float, num_splits: int, config: configs.LaunchConfig | None) -> ForwardPlan:
+    """The :class:`ForwardPlan` of a :func:`~.common.signature`; ``num_splits`` 0 asks the heuristic."""
+    pro = prologue(sig)
+    batch, heads, num_queries, num_keys = pro.batch, pro.heads, pro.num_queries, pro.num_keys
+    head_dim_v = pro.head_dim_v
+    cfg = config or configs.forward_config(
+        pro.kernel_head_dim_qk, pro.kernel_head_dim_v, pro.flags["CAUSAL"], pro.is_cuda, num_queries
+    )
+    v_tiles = pro.v_tiles
+    num_m_blocks = configs.cdiv(num_queries, cfg.block_m)
+    num_splits, keys_per_split = configs.plan_kv_splits(
+        num_splits, batch * heads * num_m_blocks * v_tiles.num_chunks, num_keys, cfg.block_n, pro.device_index
+    )
+    out_shape, lse_shape = (batch, num_queries, heads, head_dim_v), (batch, heads, num_queries)
+    # The kernel writes per-split float32 partials when the key axis is split, else out itself.
+    part_strides = configs.contiguous_strides((num_splits, *out_shape))[:4]
+    lse_part_strides = configs.contiguous_strides((num_splits, *lse_shape))[:3]
+    num_z = num_splits * v_tiles.num_chunks
+    grid = (num_m_blocks * num_z * batch * heads,)
+    ints = (
+        *pro.input_strides, *part_strides, *lse_part_strides, *pro.mask_strides, *pro.sizes, head_dim_v,
+        scale * LOG2E, keys_per_split, num_m_blocks, num_z,
+    )  # fmt: skip
+    constexprs = dict(
+        **pro.flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_DK=pro.qk_tiles.block, NUM_DK=pro.qk_tiles.num_chunks, BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    merge_grid, merge_ints, merge_constexprs = None, (), {}
+    if num_splits > 1:
+        merge_block_m = 16
+        merge_blocks = configs.cdiv(num_queries, merge_block_m)
+        merge_grid = (merge_blocks * batch * heads,)
+        merge_ints = (
+            *part_strides, *lse_part_strides, *configs.contiguous_strides(out_shape)[:3],
+            *configs.contiguous_strides(lse_shape)[:2], heads, num_queries, head_dim_v, num_splits, merge_blocks,
+        )  # fmt: skip
+        merge_constexprs = dict(
+            BLOCK_M=merge_block_m, BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks, ACC_DTYPE=pro.flags["ACC_DTYPE"]
+        )
+    return ForwardPlan(
+        pro, num_splits, grid, out_shape, lse_shape, ints, constexprs, merge_grid, merge_ints, merge_constexprs
+    )
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     kv_lengths: torch.Tensor | None,
+    kv_index: torch.Tensor | None,
+    q_rope: torch.Tensor | None,
+    k_rope: torch.Tensor | None,
+    rotary_dim: int,
+    rotary_interleaved: bool,
     causal: bool,
     scale: float,
     num_splits: int = 0,
     config: configs.LaunchConfig | None = None,
-    kv_index: torch.Tensor | None = None,
-    rope: Rope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. Inputs are already validated (see ``perceiver_kernels.functional``).
+    """Launch the forward; the arguments are the ``triton_attention_fwd`` op's (already validated).
 
     Args:
         q: ``(Bq, Nq, H, Dqk)``, ``Bq`` in ``{1, B}``; k: ``(B, Nk, H, Dqk)``; v: ``(B, Nk, H, Dv)``.
         key_padding_mask: bool ``(B, Nk)`` (True = padding) or None.
         kv_lengths: int ``(B,)`` or None (on the gathered axis when ``kv_index`` is given).
+        kv_index: int64 ``(B, Nk')`` key rows to attend to, or None.
+        q_rope, k_rope: float32 cos/sin tables ``(2, 1 or B, N, rotary_dim / 2)``, or None.
         num_splits: key-axis splits; 0 picks them from the SM count (see ``configs.plan_kv_splits``).
         config: tile shape override (benchmarks sweep it); default ``configs.forward_config``.
-        kv_index: int64 ``(B, Nk')`` key rows to attend to, or None.
-        rope: rotary tables and layout, or None.
 
     Returns:
-        ``out (B, Nq, H, Dv)`` in q's dtype and ``lse (B, H, Nq)`` (float32; float64 for float64).
+        ``out (B, Nq, H, Dv)`` (contiguous) in q's dtype and ``lse (B, H, Nq)`` (float32; float64 for
+        float64).
     """
-    batch, num_rows, heads, _ = k.shape
-    num_keys = num_rows if kv_index is None else kv_index.shape[1]
-    num_queries, head_dim_v_out = q.shape[1], v.shape[3]
-    head_dim_qk = configs.aligned_head_dim(k.shape[3], configs.QK_CHUNK)
-    head_dim_v = configs.aligned_head_dim(head_dim_v_out, configs.V_CHUNK)
-    q, k, v = with_head_dim(q, head_dim_qk), with_head_dim(k, head_dim_qk), with_head_dim(v, head_dim_v)
-    is_cuda = q.device.type == "cuda"
-    cfg = config or configs.forward_config(head_dim_qk, head_dim_v, causal, is_cuda, num_queries)
-    qk_tiles = configs.head_dim_tiling(head_dim_qk, configs.QK_CHUNK)
-    v_tiles = configs.head_dim_tiling(head_dim_v, configs.V_CHUNK)
-    num_m_blocks = triton.cdiv(num_queries, cfg.block_m)
-    num_splits, keys_per_split = configs.plan_kv_splits(
-        num_splits,
-        batch * heads * num_m_blocks * v_tiles.num_chunks,
-        num_keys,
-        cfg.block_n,
-        q.device.index if is_cuda else None,
-    )
-
-    out = torch.empty((batch, num_queries, heads, head_dim_v), device=q.device, dtype=q.dtype)
-    lse = torch.empty((batch, heads, num_queries), device=q.device, dtype=configs.stats_dtype(q.dtype))
-    if num_splits == 1:
-        out_part, lse_part = out.unsqueeze(0), lse.unsqueeze(0)
-    else:
-        out_part = torch.empty((num_splits, *out.shape), device=q.device, dtype=lse.dtype)
-        lse_part = torch.empty((num_splits, *lse.shape), device=q.device, dtype=lse.dtype)
-
-    pad, pad_stride_b, pad_stride_n, lengths = mask_args(q, key_padding_mask, kv_lengths)
-    index = kv_index if kv_index is not None else lengths.new_empty(0)
-    q_rope, k_rope = rope_args(rope, "q", q), rope_args(rope, "k", q)
-    q_batch_stride = 0 if q.shape[0] == 1 else q.stride(0)
-    num_z = num_splits * v_tiles.num_chunks
-    grid = (num_m_blocks * num_z * batch * heads,)
-    _fwd_kernel[grid](
-        q, k, v, out_part, lse_part, pad, lengths, index, q_rope[0], k_rope[0],
-        q_batch_stride, q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
-        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        pad_stride_b, pad_stride_n,
-        index.stride(0) if kv_index is not None else 0,
-        *q_rope[1:], *k_rope[1:],
-        heads, num_queries, num_keys, num_rows, head_dim_qk, head_dim_v, rope.rotary_dim if rope else 0,
-        scale * LOG2E, keys_per_split, num_m_blocks, num_z,
-        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None,
-        HAS_KV_INDEX=kv_index is not None, ROTARY=rope is not None, INTERLEAVED=rope is None or rope.interleaved,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_DK=qk_tiles.block, NUM_DK=qk_tiles.num_chunks,
-        BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
-        DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=acc_dtype(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if num_splits > 1:
-        merge_block_m = 16
-        merge_blocks = triton.cdiv(num_queries, merge_block_m)
-        _merge_splits_kernel[(merge_blocks * batch * heads,)](
-            out_part, lse_part, out, lse,
-            out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
-            lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            heads, num_queries, head_dim_v, num_splits, merge_blocks,
-            BLOCK_M=merge_block_m, BLOCK_DV=v_tiles.block, NUM_DV=v_tiles.num_chunks,
-            ACC_DTYPE=acc_dtype(q.dtype),
-        )  # fmt: skip
-    if head_dim_v != head_dim_v_out:
-        out = out[..., :head_dim_v_out].contiguous()
+    if kv_index is not None and k.shape[1] == 0:
+        kv_index = kv_index[:, :0]  # nothing to gather from: no key is visible
+    sig = signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
+                    causal)  # fmt: skip
+    plan = forward_plan(sig, scale, num_splits, config)
+    out = q.new_empty(plan.out_shape)
+    lse = q.new_empty(plan.lse_shape, dtype=configs.stats_dtype(q.dtype))
+    if plan.grid[0] == 0:
+        return out, lse
+    inputs = kernel_inputs(plan.pro, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    if plan.merge_grid is None:
+        launch(_fwd_kernel, plan.grid, (*inputs[:3], out, lse, *inputs[3:], *plan.ints), plan.constexprs)
+        return out, lse
+    out_part = q.new_empty((plan.num_splits, *plan.out_shape), dtype=lse.dtype)
+    lse_part = q.new_empty((plan.num_splits, *plan.lse_shape), dtype=lse.dtype)
+    launch(_fwd_kernel, plan.grid, (*inputs[:3], out_part, lse_part, *inputs[3:], *plan.ints), plan.constexprs)
+    launch(_merge_splits_kernel, plan.merge_grid, (out_part, lse_part, out, lse, *plan.merge_ints),
+           plan.merge_constexprs)  # fmt: skip
     return out, lse

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import configs
+
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def causal_offset(length, num_queries):
+    """The causal diagonal, bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + offset``,
+    ``offset = L_b - Nq`` (the same helper as ``perceiver_kernels.problem.causal_offset`` and the CUDA
+    kernels' ``causal_offset``)."""
+    return length - num_queries
 
 
 @triton.jit
@@ -16,18 +27,18 @@ def _visible(
     query_idx,
     key_idx,
     key_end,
-    causal_offset,
+    offset,
     CAUSAL: tl.constexpr,
 ):
     """Bool tile: which (query, key) pairs take part, before key padding.
 
     ``query_idx`` and ``key_idx`` come shaped for broadcasting (``[:, None]`` and ``[None, :]``, or
     the transpose), so the forward and the transposed backward share this. ``key_end`` folds ``Nk``,
-    ``kv_lengths[b]`` and a split's end; ``causal_offset`` is ``L_b - Nq`` (bottom-right alignment).
+    ``kv_lengths[b]`` and a split's end; ``offset`` is :func:`causal_offset`.
     """
     visible = (key_idx < key_end) & (query_idx >= 0)
     if CAUSAL:
-        visible = visible & (key_idx <= query_idx + causal_offset)
+        visible = visible & (key_idx <= query_idx + offset)
     return visible
 
 
@@ -42,7 +53,7 @@ def _kv_length(KvLen, b, Nk, HAS_KVLEN: tl.constexpr):
 
 @triton.jit
 def _split_key_range(
-    pid_m, split, keys_per_split, kv_len, causal_offset,
+    pid_m, split, keys_per_split, kv_len, offset,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Key range of one (query block, key split) program: ``[lo, hi)`` holds every key some row
@@ -53,9 +64,9 @@ def _split_key_range(
     hi = key_end
     full_end = key_end
     if CAUSAL:
-        # Row i sees keys j <= i + causal_offset: the block's last row bounds hi, its first full_end.
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
-        full_end = tl.minimum(full_end, pid_m * BLOCK_M + causal_offset + 1)
+        # Row i sees keys j <= i + offset: the block's last row bounds hi, its first full_end.
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + offset)
+        full_end = tl.minimum(full_end, pid_m * BLOCK_M + offset + 1)
     full_end = tl.maximum(lo + ((full_end - lo) // BLOCK_N) * BLOCK_N, lo)
     full_end = tl.minimum(full_end, hi)
     return lo, key_end, hi, full_end
@@ -80,6 +91,32 @@ def _key_rows(kv_index_row, offs_n, valid, num_rows, HAS_KV_INDEX: tl.constexpr)
 
 
 @triton.jit
+def _rotary_pairs(offs_d, ROT_DIM, INTERLEAVED: tl.constexpr):
+    """For channels ``offs_d``: ``(partner, pair, first)``, the other channel of each one's rotary pair,
+    the pair's index into the cos/sin tables, and whether the channel is the pair's first."""
+    if INTERLEAVED:
+        first = (offs_d % 2) == 0
+        partner = offs_d ^ 1
+        pair = offs_d // 2
+    else:
+        half = ROT_DIM // 2
+        first = offs_d < half
+        partner = tl.where(first, offs_d + half, offs_d - half)
+        pair = tl.where(first, offs_d, offs_d - half)
+    return partner, pair, first
+
+
+@triton.jit
+def _rotate_values(x, x_partner, cos, sin, first, INVERSE: tl.constexpr):
+    """A pair ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)`` (the transpose when ``INVERSE``);
+    every operand is a float tile of the same shape but ``first`` (per channel)."""
+    sign = tl.where(first, -1.0, 1.0)
+    if INVERSE:
+        sign = -sign
+    return x * cos + sign[None, :].to(x.dtype) * x_partner * sin
+
+
+@triton.jit
 def _rotate_tile(
     x, base, rows, row_mask, stride_row, offs_d, rope, stride_rs, stride_rn, ROT_DIM,
     INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -91,25 +128,13 @@ def _rotate_tile(
     points at this sample's cos table, ``rope + stride_rs`` at its sin table, one row per position
     row, ``ROT_DIM / 2`` pairs. ``INVERSE`` turns the other way (the transpose, for gradients).
     """
-    in_rot = offs_d < ROT_DIM
-    if INTERLEAVED:
-        first = (offs_d % 2) == 0
-        partner = offs_d ^ 1
-        pair = offs_d // 2
-    else:
-        half = ROT_DIM // 2
-        first = offs_d < half
-        partner = tl.where(first, offs_d + half, offs_d - half)
-        pair = tl.where(first, offs_d, offs_d - half)
-    mask = row_mask[:, None] & in_rot[None, :]
+    partner, pair, first = _rotary_pairs(offs_d, ROT_DIM, INTERLEAVED)
+    mask = row_mask[:, None] & (offs_d < ROT_DIM)[None, :]
     r = rows[:, None].to(tl.int64)
     x_partner = tl.load(base + r * stride_row + partner[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     cos = tl.load(rope + r * stride_rn + pair[None, :], mask=mask, other=1.0).to(ACC_DTYPE)
     sin = tl.load(rope + stride_rs + r * stride_rn + pair[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-    sign = tl.where(first, -1.0, 1.0)
-    if INVERSE:
-        sign = -sign
-    return (x.to(ACC_DTYPE) * cos + sign[None, :].to(ACC_DTYPE) * x_partner * sin).to(x.dtype)
+    return _rotate_values(x.to(ACC_DTYPE), x_partner, cos, sin, first, INVERSE).to(x.dtype)
 
 
 @triton.jit
@@ -181,47 +206,130 @@ def _load_rows(base, offs_rows, row_mask, stride_row, offs_d, HEAD_DIM):
     )
 
 
-@dataclass(frozen=True)
-class Rope:
-    """Rotary tables for one call: ``q (2, 1 or B, Nq, R/2)`` and ``k (2, 1 or B, Nk, R/2)`` float32
-    cos/sin (``perceiver_kernels.rotary.rotary_tables``), ``R = rotary_dim``, and the pair layout."""
+class Prologue(NamedTuple):
+    """Everything about one input signature that the forward and the backward launchers share (one
+    place): head-dim tiling, which inputs need an aligned copy, the kernels' integer arguments for
+    the inputs and masks, and their flags. Built once per signature (:func:`prologue`)."""
 
-    q: torch.Tensor
-    k: torch.Tensor
-    rotary_dim: int
-    interleaved: bool
+    batch: int
+    heads: int
+    num_queries: int
+    num_keys: int  # the (gathered) key axis the kernels walk
+    num_rows: int  # rows of k and v
+    head_dim_qk: int  # real head dims (outputs and gradients)
+    head_dim_v: int
+    kernel_head_dim_qk: int  # what the kernels load: a multiple of 16 (see configs.aligned_head_dim)
+    kernel_head_dim_v: int
+    qk_tiles: configs.HeadDimTiling
+    v_tiles: configs.HeadDimTiling
+    copy_q: bool  # the input is copied (aligned, zero-padded) before the launch: with_head_dim
+    copy_k: bool
+    copy_v: bool
+    copy_index: bool  # kv_index / kv_lengths copied to unit stride
+    copy_lengths: bool
+    broadcast_q: bool  # batch-1 q under a larger batch: read with batch stride 0
+    is_cuda: bool
+    device_index: int | None
+    input_strides: tuple[int, ...]  # q (b, m, h), k (b, n, h), v (b, n, h), after any copy
+    mask_strides: tuple[int, ...]  # key padding (b, n), kv_index (b), rope q (s, b, n), rope k (s, b, n)
+    sizes: tuple[int, ...]  # H, Nq, Nk, Nk_rows, kernel DQK, kernel DV, ROT_DIM
+    flags: dict  # constexprs shared by every attention kernel
 
 
-def rope_args(rope: Rope | None, which: str, like: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """Kernel arguments ``(table, stride to sin, batch stride, row stride)`` of one side (``"q"`` or
-    ``"k"``); a placeholder (never read: ROTARY is off) without rotary. A batch-1 table gets batch
-    stride 0 (shared by the batch)."""
-    if rope is None:
-        return like.new_empty(0), 0, 0, 0
-    table = getattr(rope, which)
-    return table, table.stride(0), 0 if table.shape[1] == 1 else table.stride(1), table.stride(2)
+def signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, interleaved, causal):
+    """The key under which launch plans are cached: every shape, stride, dtype, device and flag a launch
+    depends on (data pointers are Triton's business: it specialises on their alignment itself)."""
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+        None if key_padding_mask is None else key_padding_mask.stride(),
+        None if kv_lengths is None else kv_lengths.stride(),
+        None if kv_index is None else (kv_index.shape[1], kv_index.stride()),
+        None if q_rope is None else (q_rope.shape, q_rope.stride(), k_rope.shape, k_rope.stride()),
+        rotary_dim, interleaved, causal,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def prologue(sig: tuple) -> Prologue:
+    """The :class:`Prologue` of a :func:`signature`."""
+    q_shape, q_stride, k_shape, k_stride, v_shape, v_stride, dtype, device = sig[:8]
+    pad_stride, lengths_stride, index, rope, rotary_dim, interleaved, causal = sig[8:]
+    batch, num_rows, heads, head_dim_qk = k_shape
+    num_queries, head_dim_v = q_shape[1], v_shape[3]
+    num_keys = num_rows if index is None else index[0]
+    kernel_qk = configs.aligned_head_dim(head_dim_qk, configs.QK_CHUNK)
+    kernel_v = configs.aligned_head_dim(head_dim_v, configs.V_CHUNK)
+    layouts = ((q_shape, q_stride, kernel_qk), (k_shape, k_stride, kernel_qk), (v_shape, v_stride, kernel_v))
+    copy_q, copy_k, copy_v = (needs_copy(shape, stride, dim) for shape, stride, dim in layouts)
+    broadcast_q = q_shape[0] == 1 and batch > 1
+    strides = []
+    for (shape, stride, dim), copy in zip(layouts, (copy_q, copy_k, copy_v), strict=True):
+        stride = configs.contiguous_strides((*shape[:3], dim)) if copy else stride
+        strides.extend(stride[:3])
+    if broadcast_q:
+        strides[0] = 0
+    copy_index = index is not None and index[1][1] != 1 and index[0] > 1
+    copy_lengths = lengths_stride is not None and lengths_stride[0] != 1 and batch > 1
+    index_stride = 0 if index is None else (index[0] if copy_index else index[1][0])
+    rope_strides = (0,) * 6
+    if rope is not None:
+        q_rope_shape, q_rope_stride, k_rope_shape, k_rope_stride = rope
+        rope_strides = (
+            q_rope_stride[0], 0 if q_rope_shape[1] == 1 else q_rope_stride[1], q_rope_stride[2],
+            k_rope_stride[0], 0 if k_rope_shape[1] == 1 else k_rope_stride[1], k_rope_stride[2],
+        )  # fmt: skip
+    is_cuda = device.type == "cuda"
+    return Prologue(
+        batch=batch, heads=heads, num_queries=num_queries, num_keys=num_keys, num_rows=num_rows,
+        head_dim_qk=head_dim_qk, head_dim_v=head_dim_v, kernel_head_dim_qk=kernel_qk, kernel_head_dim_v=kernel_v,
+        qk_tiles=configs.head_dim_tiling(kernel_qk, configs.QK_CHUNK),
+        v_tiles=configs.head_dim_tiling(kernel_v, configs.V_CHUNK),
+        copy_q=copy_q, copy_k=copy_k, copy_v=copy_v, copy_index=copy_index, copy_lengths=copy_lengths,
+        broadcast_q=broadcast_q, is_cuda=is_cuda, device_index=device.index if is_cuda else None,
+        input_strides=tuple(strides),
+        mask_strides=(*(pad_stride or (0, 0)), index_stride, *rope_strides),
+        sizes=(heads, num_queries, num_keys, num_rows, kernel_qk, kernel_v, rotary_dim),
+        flags=dict(
+            CAUSAL=causal, HAS_PAD=pad_stride is not None, HAS_KVLEN=lengths_stride is not None,
+            HAS_KV_INDEX=index is not None, ROTARY=rope is not None, INTERLEAVED=interleaved,
+            DOT_PRECISION=dot_precision(dtype), ACC_DTYPE=acc_dtype(dtype),
+        ),
+    )  # fmt: skip
+
+
+def kernel_inputs(pro: Prologue, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope) -> tuple:
+    """The ten pointer arguments every attention kernel starts with... minus the outputs: ``(q, k, v,
+    padding, lengths, kv_index, q_rope, k_rope)``, copied where the prologue says so. An absent
+    optional tensor is passed as ``q`` (never read: its flag is off), so nothing is allocated for it."""
+    if pro.copy_q:
+        q = with_head_dim(q, pro.kernel_head_dim_qk)
+    if pro.copy_k:
+        k = with_head_dim(k, pro.kernel_head_dim_qk)
+    if pro.copy_v:
+        v = with_head_dim(v, pro.kernel_head_dim_v)
+    if pro.copy_index:
+        kv_index = kv_index.contiguous()
+    if pro.copy_lengths:
+        kv_lengths = kv_lengths.contiguous()
+    return (
+        q, k, v,
+        q if key_padding_mask is None else key_padding_mask.view(torch.uint8),
+        q if kv_lengths is None else kv_lengths,
+        q if kv_index is None else kv_index,
+        q if q_rope is None else q_rope,
+        q if k_rope is None else k_rope,
+    )  # fmt: skip
+
+
+def needs_copy(shape, stride, kernel_head_dim: int) -> bool:
+    """Whether rows must be copied to be 16-element aligned and ``kernel_head_dim`` wide."""
+    return shape[3] != kernel_head_dim or any(st % 16 for n, st in zip(shape[:3], stride[:3], strict=True) if n > 1)
 
 
 def with_head_dim(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``x`` with its last dim zero-padded to ``head_dim`` and 16-element aligned strides (a copy
-    only when needed; see ``configs.aligned_head_dim``)."""
-    aligned = all(stride % 16 == 0 for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True) if size > 1)
-    if x.shape[-1] == head_dim and aligned:
-        return x
+    """``x`` with its last dim zero-padded to ``head_dim`` and 16-element aligned strides (a copy;
+    see ``configs.aligned_head_dim``)."""
     return torch.nn.functional.pad(x, (0, head_dim - x.shape[-1])).contiguous()
-
-
-def mask_args(
-    like: torch.Tensor, key_padding_mask: torch.Tensor | None, kv_lengths: torch.Tensor | None
-) -> tuple[torch.Tensor, int, int, torch.Tensor]:
-    """Kernel arguments for the optional masks: ``(padding as uint8, its two strides, lengths)``,
-    with empty placeholders (never read: HAS_PAD / HAS_KVLEN are off) for what is absent."""
-    empty = like.new_empty(0)
-    if key_padding_mask is None:
-        pad, stride_b, stride_n = empty, 0, 0
-    else:
-        pad, (stride_b, stride_n) = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
-    return pad, stride_b, stride_n, kv_lengths if kv_lengths is not None else empty
 
 
 def dot_precision(dtype: torch.dtype) -> str:

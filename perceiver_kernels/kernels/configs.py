@@ -42,6 +42,15 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def contiguous_strides(shape) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` has."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 @dataclass(frozen=True)
 class HeadDimTiling:
     """How one head dim is cut into power-of-two chunks."""

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from ..kernels import configs
+from ..problem import AttentionProblem
 from ..reference import attention_reference
 from ..rotary import rotate
 from . import cuda_extension
-from .triton_attention import rotary_inputs
+from .arguments import op_arguments
 
 OP = "perceiver_kernels::cuda_attention_fwd"
 BACKWARD_OP = "perceiver_kernels::cuda_attention_bwd"
@@ -78,36 +79,18 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, scale: float | None = No
     return None
 
 
-def cuda_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    kv_lengths: Tensor | None = None,
-    scale: float,
-    num_splits: int = 0,
-    rotary_dim: int = 0,
-    q_positions: Tensor | None = None,
-    k_positions: Tensor | None = None,
-    rotary_base: float = 10000.0,
-    rotary_interleaved: bool = True,
-    kv_index: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Differentiable CUDA attention ``(out, lse)``; arguments as in ``pk.attention`` (validated, and
-    supported per :func:`unsupported_reason`). ``num_splits`` 0: the split-KV heuristic of
-    ``kernels/configs.py`` (shared with the Triton forward)."""
-    q, q_rope, k_rope = rotary_inputs(q, k, rotary_dim, q_positions, k_positions, rotary_base, kv_lengths, kv_index)
+def cuda_attention(problem: AttentionProblem) -> tuple[Tensor, Tensor]:
+    """Differentiable CUDA attention ``(out, lse)`` of a described problem (supported per
+    :func:`unsupported_reason`). ``num_splits`` 0: the split-KV heuristic of ``kernels/configs.py``
+    (shared with the Triton forward)."""
+    args = op_arguments(problem)
+    num_splits = problem.num_splits
     if num_splits == 0:
-        batch, heads, num_queries = k.shape[0], q.shape[2], q.shape[1]
-        num_keys = k.shape[1] if kv_index is None else kv_index.shape[1]
-        base_programs = batch * heads * configs.cdiv(num_queries, BLOCK_M)
-        num_splits = configs.num_kv_splits(base_programs, configs.cdiv(num_keys, BLOCK_N), q.device.index or 0)
-    return torch.ops.perceiver_kernels.cuda_attention_fwd(
-        q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
-        float(scale), num_splits,
-    )  # fmt: skip
+        base_programs = problem.batch * problem.heads * configs.cdiv(problem.num_queries, BLOCK_M)
+        num_splits = configs.num_kv_splits(
+            base_programs, configs.cdiv(problem.num_keys, BLOCK_N), problem.q.device.index or 0
+        )
+    return torch.ops.perceiver_kernels.cuda_attention_fwd(*args[:-1], num_splits)
 
 
 def _reference_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,

@@ -1,0 +1,59 @@
+"""The one door to the GPU: every Triton launch of the package goes through :func:`launch`.
+
+Keeping it one function makes launches countable and gives host-overhead measurement a hook that is
+part of the code, not a monkeypatch: inside :func:`record_launches` each launch is logged, and with
+``execute=False`` it is skipped, so what remains of a call is its host work alone (validation,
+planning, allocation, dispatch, autograd). ``perceiver-kernels bench --suite host`` measures that way
+on a machine without a GPU (benchmarks/host.py). Outputs of skipped launches are left uninitialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+_logs: list[LaunchLog] = []
+_execute = True
+
+
+@dataclass(eq=False)
+class LaunchLog:
+    """The launches made inside one :func:`record_launches` block: kernel names in order, with grids."""
+
+    launches: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.launches)
+
+    @property
+    def kernels(self) -> list[str]:
+        return [name for name, _ in self.launches]
+
+
+@contextmanager
+def record_launches(execute: bool = True) -> Iterator[LaunchLog]:
+    """Log every Triton launch made inside the block; with ``execute=False`` also skip them (host-only
+    timing). Not thread-safe: the log and the switch are process-wide."""
+    global _execute
+    log = LaunchLog()
+    previous = _execute
+    _logs.append(log)
+    _execute = execute and previous
+    try:
+        yield log
+    finally:
+        _logs.remove(log)
+        _execute = previous
+
+
+def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict) -> None:
+    """``kernel[grid](*args, **constexprs)`` (``constexprs`` also carries ``num_warps``/``num_stages``)."""
+    if _logs:
+        entry = (getattr(kernel, "__name__", None) or kernel.fn.__name__, grid)
+        for log in _logs:
+            log.launches.append(entry)
+        if not _execute:
+            return
+    kernel[grid](*args, **constexprs)
