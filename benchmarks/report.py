@@ -434,6 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write bench.txt, bench.md and the plots here")
     args = parser.parse_args(argv)
     results = load_results(args.json)
+    if results.get("suite") == "host":
+        from . import host
+
+        print(host.text_report(results))
+        if args.out:
+            for path in host.write_outputs(results, args.out):
+                print(f"wrote {path}")
+        return 0
     print(text_report(results))
     print()
     print(markdown_summary(results))

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
+from benchmarks.host import HOST_CASES, CountAllocations, make_call, make_sdpa_call
+from benchmarks.host import MODES as HOST_MODES
 from benchmarks.models import PERCEIVER_MODELS, QUICK_MODELS, first_step, relative_l2
 from benchmarks.providers import PROVIDERS, Unavailable, make_inputs
 from benchmarks.shapes import PERCEIVER_SUITE, QUICK_SUITE
 from benchmarks.suite import SUITE_DTYPES, reference_output, relative_difference
 from benchmarks.timing import make_step, synchronize
+from perceiver_kernels.kernels.launch import record_launches
 from perceiver_kernels.testing import BENCH_AGREEMENT_RTOL
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,3 +110,29 @@ def test_model(benchmark, entry, batch, variant):
         benchmark.pedantic(run, setup=zero_grads, rounds=GPU_ROUNDS, warmup_rounds=GPU_WARMUP_ROUNDS)
     else:
         benchmark.pedantic(run, setup=zero_grads, rounds=1)
+
+
+HOST_ROUNDS = 200  # host-overhead calls are microseconds: many rounds, even on CPU
+
+
+@pytest.mark.parametrize("mode", HOST_MODES)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in HOST_CASES] + [pytest.param(None, id="sdpa")])
+def test_host_overhead(benchmark, case, mode):
+    """Host time per call (``benchmarks/host.py``): ours with every Triton launch skipped through the
+    package's measurement hook, or SDPA's whole call on the same tiny input (``case`` None)."""
+    previous = pk.set_value_checks(False)  # the default path is what is measured
+    try:
+        if case is None:
+            call = make_sdpa_call(mode, DEVICE, DTYPE)
+            benchmark.group = f"host {mode}"
+            benchmark.pedantic(call, rounds=HOST_ROUNDS, warmup_rounds=10)
+            return
+        call = make_call(case, mode, DEVICE, DTYPE)
+        with record_launches(execute=False) as log, CountAllocations() as allocations:
+            call()
+        benchmark.group = f"host {mode}"
+        benchmark.extra_info.update(launches=log.count, allocations=allocations.count, target=case.target)
+        with record_launches(execute=False):
+            benchmark.pedantic(call, rounds=HOST_ROUNDS, warmup_rounds=10)
+    finally:
+        pk.set_value_checks(previous)

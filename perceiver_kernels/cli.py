@@ -236,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), help="repeatable")
     bench = sub.add_parser("bench", help="the benchmark suite: ours vs SDPA, FlexAttention and naive attention")
-    bench.add_argument("--suite", choices=("perceiver", "quick"), help="default: perceiver on a GPU, quick on CPU")
+    bench.add_argument(
+        "--suite",
+        choices=("perceiver", "quick", "host"),
+        help="default: perceiver on a GPU, quick on CPU; host: per-call host overhead (any device)",
+    )
     bench.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both")
     bench.add_argument("--out", help="folder for bench.json, bench.txt, bench.md and the PNG plots")
     bench.add_argument(

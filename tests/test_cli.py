@@ -149,3 +149,26 @@ def test_bench_stopped_by_a_signal_still_reports(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["stopped"] == "signal SIGTERM" and data["rows"]
     assert "STOPPED EARLY" in output and (tmp_path / "bench.txt").exists()
+
+
+def test_bench_host_suite_writes_tables_json_and_plot(tmp_path):
+    """The host-overhead suite (launches skipped through the package's hook) runs on a CPU; a saved run
+    redraws with ``python -m benchmarks.report``."""
+    result = run_cli("bench", "--suite", "host", "--shapes", "plain,decode", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["suite"] == "host" and set(data["sdpa"]) == {"fwd", "fwd+bwd"}
+    rows = {(r["case"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {(c, m) for c in ("plain", "decode") for m in ("fwd", "fwd+bwd")}
+    assert rows["plain", "fwd"]["launches"] == 1 and rows["plain", "fwd+bwd"]["launches"] == 3
+    for row in rows.values():
+        assert row["us"] > 0 and row["ratio"] == row["us"] / data["sdpa"][row["mode"]]["us"]
+        assert row["allocations"] >= 2 and 0 <= row["aten_pct"] <= 100
+    assert "host overhead per call" in result.stdout and "SDPA whole call" in result.stdout
+    assert (tmp_path / "host.png").stat().st_size > 1000
+    assert (tmp_path / "bench.md").read_text().count("| plain |") == 2
+    redraw = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert redraw.returncode == 0 and "decode" in redraw.stdout, redraw.stderr

@@ -1,0 +1,195 @@
+"""The host path of ``pk.attention``: no device synchronisation by default, the launches each call makes,
+gradients laid out like their inputs, and the opt-in value checks."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import perceiver_kernels as pk
+from perceiver_kernels.kernels.launch import record_launches
+from perceiver_kernels.testing import AttentionCase, attention_options, make_inputs
+
+aten = torch.ops.aten
+# Ops that read a tensor's values on the host (a device synchronisation on a GPU), or whose output shape
+# depends on values (the same).
+SYNCING_OPS = {
+    aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default, aten.equal.default,
+    aten.allclose.default, aten.nonzero.default, aten.masked_select.default, aten.unique_consecutive.default,
+    aten._unique2.default, aten.unique_dim.default, aten.repeat_interleave.Tensor, aten.bincount.default,
+}  # fmt: skip
+
+
+class NoSync(TorchDispatchMode):
+    """Fails on any op that synchronises with the device or copies between devices."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING_OPS:
+            raise AssertionError(f"{func} reads tensor values on the host (a device sync)")
+        if func in (aten._to_copy.default, aten.copy_.default):
+            devices = {t.device for t in (*args, *(kwargs or {}).values()) if isinstance(t, torch.Tensor)}
+            if "device" in (kwargs or {}):
+                devices.add(torch.device(kwargs["device"]))
+            assert len(devices) <= 1, f"{func} copies between devices {devices}"
+        return func(*args, **(kwargs or {}))
+
+
+# Every option of the contract, alone and as Perceiver AR combines them.
+CASES = {
+    "plain": AttentionCase(nq=5, nk=40),
+    "causal": AttentionCase(nq=9, nk=40, causal=True),
+    "kv-lengths": AttentionCase(batch=3, nq=5, nk=40, kv_lengths=(40, 7, 0), causal=True),
+    "key-padding": AttentionCase(nq=5, nk=40, pad_fraction=0.3),
+    "broadcast-query": AttentionCase(batch=3, q_batch=1, nq=5, nk=40),
+    "rotary-default": AttentionCase(nq=9, nk=40, causal=True, rotary_dim=8),
+    "rotary-left-pad": AttentionCase(nq=9, nk=40, causal=True, rotary_dim=8, positions="left-pad"),
+    "rotary-broadcast-positions": AttentionCase(batch=3, q_batch=1, nq=5, nk=40, rotary_dim=8, positions="random"),
+    "prefix-dropout": AttentionCase(nq=9, nk=40, causal=True, rotary_dim=8, prefix_dropout=True),
+    "decode": AttentionCase(batch=3, nq=1, nk=40, causal=True, kv_lengths=(40, 17, 1), rotary_dim=8),
+    "wide-head": AttentionCase(nq=5, nk=40, heads=1, dqk=300, dv=40, causal=True),
+    "odd-head-dims-permuted": AttentionCase(nq=5, nk=40, dqk=7, dv=13, permuted=True),
+}
+
+
+def run_once(case: AttentionCase, device, num_splits=0, **overrides):
+    """Forward and backward of ``pk.attention`` (out and lse both carrying gradient) on fresh inputs."""
+    inputs = make_inputs(case, torch.float32, device)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    options = {**attention_options(inputs), **overrides}
+    if num_splits:
+        from perceiver_kernels.ops import triton_attention
+        from perceiver_kernels.testing import backend_fn
+
+        out, lse = backend_fn(triton_attention, num_splits)(q, k, v, **options)
+    else:
+        out, lse = pk.attention(q, k, v, backend="triton", return_lse=True, **options)
+    torch.autograd.backward((out, lse), (inputs["grad_out"], torch.zeros_like(lse)))
+    return inputs
+
+
+@pytest.fixture
+def no_value_checks():
+    previous = pk.set_value_checks(False)
+    yield
+    pk.set_value_checks(previous)
+
+
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_device_sync(name, num_splits, device, no_value_checks):
+    """Forward and backward of every option read no tensor value on the host. Launches are skipped: what a
+    kernel reads is the device's business; the host path up to each launch is what must not sync."""
+    with record_launches(execute=False), NoSync():
+        run_once(CASES[name], device, num_splits)
+
+
+def test_value_checks_would_sync(device):
+    """The mode above does catch a sync: the opt-in value checks read kv_lengths."""
+    previous = pk.set_value_checks(True)
+    try:
+        with record_launches(execute=False), NoSync(), pytest.raises(AssertionError, match="device sync"):
+            run_once(CASES["kv-lengths"], device)
+    finally:
+        pk.set_value_checks(previous)
+
+
+def count_launches(case: AttentionCase, device, **kw) -> tuple[list[str], list[str]]:
+    """Kernel names launched by the forward alone and by forward + backward."""
+    inputs = make_inputs(case, torch.float32, device)
+    with record_launches(execute=False) as forward:
+        with torch.no_grad():
+            pk.attention(inputs["q"], inputs["k"], inputs["v"], backend="triton", **attention_options(inputs), **kw)
+    with record_launches(execute=False) as both:
+        out = pk.attention(inputs["q"], inputs["k"], inputs["v"], backend="triton", **attention_options(inputs), **kw)
+        out.backward(inputs["grad_out"])
+    return forward.kernels, both.kernels
+
+
+FWD, DQ, DKDV, DELTA, SUM_ROTATE, MERGE = (
+    "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_delta_kernel", "_sum_rotate_kernel",
+    "_merge_splits_kernel",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name,forward,both",
+    [
+        # One launch forward; the backward is the dQ kernel (which also computes delta), then dK/dV.
+        ("plain", [FWD], [FWD, DQ, DKDV]),
+        ("kv-lengths", [FWD], [FWD, DQ, DKDV]),
+        ("key-padding", [FWD], [FWD, DQ, DKDV]),
+        ("prefix-dropout", [FWD], [FWD, DQ, DKDV, SUM_ROTATE, SUM_ROTATE]),
+        # A broadcast query's dQ partials are summed over the batch by one more kernel.
+        ("broadcast-query", [FWD], [FWD, DQ, DKDV, SUM_ROTATE]),
+        # Rotary: dK and dQ are computed in the rotated frame and turned back (one kernel each).
+        ("rotary-default", [FWD], [FWD, DQ, DKDV, SUM_ROTATE, SUM_ROTATE]),
+        # Head dims above the fast path: delta's own pass, dV and dK/dQ launches, dQ's float32 buffer cast.
+        ("wide-head", [FWD], [FWD, DELTA, DKDV, DKDV, SUM_ROTATE]),
+    ],
+)
+def test_launches_per_call(name, forward, both, device):
+    assert count_launches(CASES[name], device) == (forward, both)
+
+
+def test_split_kv_launches(device):
+    """Forced key splits: the forward merges them (one more launch), the backward sums dQ's partials."""
+    from perceiver_kernels.ops import triton_attention
+    from perceiver_kernels.testing import backend_fn
+
+    inputs = make_inputs(CASES["plain"], torch.float32, device)
+    with record_launches(execute=False) as log:
+        out, _ = backend_fn(triton_attention, num_splits=3)(inputs["q"], inputs["k"], inputs["v"])
+        out.backward(inputs["grad_out"])
+    assert log.kernels == [FWD, MERGE, DQ, DKDV, SUM_ROTATE]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_gradients_have_the_inputs_layout(backend, device):
+    """A (B, H, N, D) tensor viewed as (B, N, H, D) gets its gradient back in (B, H, N, D) order, so
+    autograd stores it as is (no copy into the caller's layout)."""
+    x = [torch.randn(2, 3, n, 16, device=device, requires_grad=True) for n in (7, 20, 20)]  # (B, H, N, D)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    captured = {}
+    for name, view in zip("qkv", (q, k, v), strict=True):
+        view.register_hook(lambda grad, name=name: captured.setdefault(name, grad))
+    pk.attention(q, k, v, causal=True, backend=backend).sum().backward()
+    if backend == "triton":
+        for name, view in zip("qkv", (q, k, v), strict=True):
+            assert captured[name].stride() == view.stride(), name
+    for leaf in x:
+        assert leaf.grad.is_contiguous()
+
+
+def test_value_checks_are_opt_in(device):
+    """Off: out-of-range kv_lengths are clamped to [0, Nk] (as the reference clamps them) and out-of-range
+    kv_index rows to [0, Nk); on: a ValueError naming the argument."""
+    q, k, v = (torch.randn(2, n, 2, 16, device=device) for n in (3, 9, 9))
+    lengths = torch.tensor([20, -3], device=device)
+    previous = pk.set_value_checks(False)
+    try:
+        assert not pk.value_checks_enabled()
+        out = pk.attention(q, k, v, kv_lengths=lengths, backend="triton")
+        clamped = pk.attention(q, k, v, kv_lengths=lengths.clamp(0, 9), backend="reference")
+        torch.testing.assert_close(out, clamped, rtol=1e-4, atol=1e-5)
+        index = torch.tensor([[0, 4, 100], [1, 2, 3]], device=device)
+        out = pk.attention(q, k, v, kv_index=index, backend="triton")
+        torch.testing.assert_close(out, pk.attention(q, k, v, kv_index=index.clamp(0, 8), backend="reference"))
+        pk.set_value_checks(True)
+        with pytest.raises(ValueError, match=r"kv_lengths values must lie in \[0, Nk=9\]"):
+            pk.attention(q, k, v, kv_lengths=lengths, backend="triton")
+        with pytest.raises(ValueError, match=r"kv_index values must lie in \[0, Nk=9\)"):
+            pk.attention(q, k, v, kv_index=index, backend="triton")
+    finally:
+        pk.set_value_checks(previous)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        pk.set_value_checks(1)
+
+
+def test_value_checks_default_comes_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "import perceiver_kernels as pk; print(pk.value_checks_enabled())"
+    for value, expected in (("1", "True"), ("0", "False")):
+        env = {**__import__("os").environ, "PERCEIVER_KERNELS_CHECK_VALUES": value}
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == expected
