@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   }
 
   // Queries that can see any of these keys: all, or (causal) those at or after key n0's diagonal.
-  const int diagonal = length - p.num_queries;  // causal: query i sees key j iff j <= i + diagonal
-  const int first_query = p.causal ? max(0, n0 - diagonal) : 0;
+  const int offset = causal_offset(length, p.num_queries);  // causal: query i sees key j iff j <= i + offset
+  const int first_query = p.causal ? max(0, n0 - offset) : 0;
   const bool any_work = n0 < length && first_query < p.num_queries;
 
   if (any_work) {
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
         const int key = e < 2 ? key0 : key1;
         const float lse = lse_smem[local_query];
         const bool visible = key_ok[e >> 1] && query < p.num_queries && lse != -INFINITY &&
-                             (!p.causal || key <= query + diagonal);
+                             (!p.causal || key <= query + offset);
         const float prob = visible ? exp2f(s[jq][e] * scale_log2 - lse * kLog2e) : 0.f;
         s[jq][e] = prob;
         // A select, not a product: masked pairs must give 0 even where delta is not finite (a NaN/inf
@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
     lse_log2[r] = rows[r] < p.num_queries ? lse_base[rows[r]] * kLog2e : -INFINITY;
     delta[r] = rows[r] < p.num_queries ? delta_base[rows[r]] : 0.f;
   }
-  const int diagonal = length - p.num_queries;  // causal: query i sees key j iff j <= i + diagonal
+  const int offset = causal_offset(length, p.num_queries);  // causal: query i sees key j iff j <= i + offset
   float acc[D / 8][4];
 #pragma unroll
   for (int jd = 0; jd < D / 8; ++jd) {
@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
         for (int r = 0; r < 2; ++r) {
           const int e = 2 * r + c;
           const bool visible =
-              key_ok && lse_log2[r] != -INFINITY && (!p.causal || key <= rows[r] + diagonal);
+              key_ok && lse_log2[r] != -INFINITY && (!p.causal || key <= rows[r] + offset);
           const float prob = visible ? exp2f(s[j][e] * scale_log2 - lse_log2[r]) : 0.f;
           // A select, not a product, as in the dK/dV kernel: masked pairs give 0 whatever delta or dP hold.
           s[j][e] = visible ? prob * (dp[j][e] - delta[r]) : 0.f;

@@ -165,9 +165,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       for (int c = 0; c < 2; ++c) {
         const int key = n0 + j * 8 + 2 * quad + c;
         const bool visible = key_visible(p, axis, b, key);
-        const int diagonal = length - p.num_queries;  // causal: key <= row + diagonal
-        if (!visible || (p.causal && key > row0 + diagonal)) s[j][c] = -INFINITY;
-        if (!visible || (p.causal && key > row1 + diagonal)) s[j][2 + c] = -INFINITY;
+        const int offset = causal_offset(length, p.num_queries);  // causal: key <= row + offset
+        if (!visible || (p.causal && key > row0 + offset)) s[j][c] = -INFINITY;
+        if (!visible || (p.causal && key > row1 + offset)) s[j][2 + c] = -INFINITY;
       }
     }
 

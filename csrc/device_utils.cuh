@@ -260,6 +260,11 @@ __device__ __forceinline__ KeyAxis key_axis(const CommonParams& p, int b) {
   return axis;
 }
 
+// The causal diagonal, bottom-right aligned: query i sees key j iff j <= i + causal_offset(L_b, Nq), the
+// queries being the last Nq positions (Perceiver AR). The same helper as perceiver_kernels/problem.py's and
+// the Triton kernels' causal_offset (perceiver_kernels/kernels/common.py).
+__device__ __forceinline__ int causal_offset(int length, int num_queries) { return length - num_queries; }
+
 // Whether key j of the axis is visible apart from the causal mask: below L_b and not padding (the flag of
 // its memory row).
 __device__ __forceinline__ bool key_visible(const CommonParams& p, const KeyAxis& axis, int b, int key) {
@@ -296,7 +301,7 @@ __device__ __forceinline__ void forward_key_tiles(const CommonParams& p, const K
   int key_end = axis.length;
   if (p.causal) {
     const int last_row = min(m0 + block_m, p.num_queries) - 1;
-    key_end = max(0, min(axis.length, last_row + axis.length - p.num_queries + 1));
+    key_end = max(0, min(axis.length, last_row + causal_offset(axis.length, p.num_queries) + 1));
   }
   const int num_tiles = (key_end + block_n - 1) / block_n;
   const int tiles_per_split = (num_tiles + num_splits - 1) / num_splits;

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
   const KeyAxis axis = key_axis(p, b);
   int tile_begin, tile_end;
   forward_key_tiles(p, axis, m0, kTile, kTile, blockIdx.y, p.num_splits, tile_begin, tile_end);
-  const int diagonal = axis.length - p.num_queries;  // causal: key <= row + diagonal
+  const int offset = causal_offset(axis.length, p.num_queries);  // causal: key <= row + offset
   const float scale_log2 = p.scale * kLog2e;
 
   const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
 #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
       const int key = n0 + lane + j * kLanes;
-      const bool visible = key_visible(p, axis, b, key) && (!p.causal || key <= row + diagonal);
+      const bool visible = key_visible(p, axis, b, key) && (!p.causal || key <= row + offset);
       s[j] = visible ? s[j] : -INFINITY;
       tile_max = fmaxf(tile_max, s[j]);
     }
@@ -240,8 +240,8 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
   float* dq_base = p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride;
 
   // Queries that can see any of these keys: all, or (causal) those at or after key n0's diagonal.
-  const int diagonal = axis.length - p.num_queries;  // causal: query i sees key j iff j <= i + diagonal
-  const int first_query = p.causal ? max(0, n0 - diagonal) : 0;
+  const int offset = causal_offset(axis.length, p.num_queries);  // causal: query i sees key j iff j <= i + offset
+  const int first_query = p.causal ? max(0, n0 - offset) : 0;
   const bool any_work = n0 < axis.length && first_query < p.num_queries;
 
   float dk[kDims], dv[kDims];
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
       const int query = m0 + local_query;
       const float lse = lse_smem[local_query];
       const bool visible =
-          key_ok && query < p.num_queries && lse != -INFINITY && (!p.causal || key <= query + diagonal);
+          key_ok && query < p.num_queries && lse != -INFINITY && (!p.causal || key <= query + offset);
       const float prob = visible ? exp2f(s[j] * scale_log2 - lse * kLog2e) : 0.f;
       p_smem[local_row * kScoreStride + local_query] = prob;
       // A select, not a product: masked pairs give 0 even where delta or padded values are not finite.

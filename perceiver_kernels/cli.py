@@ -200,17 +200,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmark_suite():
+def _benchmark_suite(module: str = "suite"):
     """The suite lives in the source tree (``benchmarks/``, next to this package), not in the wheel."""
     root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "suite.py").is_file():
+    if not (root / "benchmarks" / f"{module}.py").is_file():
         raise SystemExit(
             "bench: the benchmark suite is the benchmarks/ folder of a source checkout, and this install "
             f"has none next to {Path(__file__).parent}; clone the repository and `pip install -e .` it"
         )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.suite")
+    return importlib.import_module(f"benchmarks.{module}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -226,6 +226,9 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:  # its own options (benchmarks/kernel_report.py)
+        return _benchmark_suite("kernel_report").main(argv[1:])
     parser = argparse.ArgumentParser(prog="perceiver-kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and which backends can run")
@@ -264,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="default: a bar on a terminal"
     )
+    sub.add_parser(
+        "kernels",
+        help="static report: every kernel the suite launches, compiled for a GPU (registers, spills, shared memory)",
+        add_help=False,
+    )
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+    args.argv = argv[1:]
     handler = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command]
     return handler(args)
 

@@ -435,7 +435,7 @@ def backward_plan(
     if dq_split:
         num_m_blocks = configs.cdiv(num_queries, cfg.dq_block_m)
         num_splits, keys_per_split = configs.plan_kv_splits(
-            num_splits, batch * heads * num_m_blocks, num_keys, cfg.dq_block_n, pro.device_index
+            num_splits, batch * heads * num_m_blocks, num_keys, cfg.dq_block_n, pro.sms
         )
         dq_direct = num_splits == 1 and not pro.broadcast_q and not flags["ROTARY"]
         dq_grid = (num_m_blocks * num_splits * batch * heads,)

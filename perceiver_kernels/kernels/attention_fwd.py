@@ -261,7 +261,7 @@ def forward_plan(sig: tuple, scale: float, num_splits: int, config: configs.Laun
     v_tiles = pro.v_tiles
     num_m_blocks = configs.cdiv(num_queries, cfg.block_m)
     num_splits, keys_per_split = configs.plan_kv_splits(
-        num_splits, batch * heads * num_m_blocks * v_tiles.num_chunks, num_keys, cfg.block_n, pro.device_index
+        num_splits, batch * heads * num_m_blocks * v_tiles.num_chunks, num_keys, cfg.block_n, pro.sms
     )
     out_shape, lse_shape = (batch, num_queries, heads, head_dim_v), (batch, heads, num_queries)
     # The kernel writes per-split float32 partials when the key axis is split, else out itself.

@@ -84,10 +84,13 @@ def _key_kept(pad_row, rows, valid, stride_pn):
 def _key_rows(kv_index_row, offs_n, valid, num_rows, HAS_KV_INDEX: tl.constexpr):
     """Rows of k/v (and of the padding mask and key positions) behind gathered key indices
     ``offs_n``: ``kv_index[b, offs_n]`` clamped to ``[0, num_rows)``, or ``offs_n`` itself."""
+    # One return: the compiler type-checks every return statement, taken or not (int64 rows vs int32).
     if HAS_KV_INDEX:
         rows = tl.load(kv_index_row + offs_n, mask=valid, other=0)
-        return tl.minimum(tl.maximum(rows, 0), num_rows - 1)
-    return offs_n
+        rows = tl.minimum(tl.maximum(rows, 0), num_rows - 1)
+    else:
+        rows = offs_n
+    return rows
 
 
 @triton.jit
@@ -228,8 +231,8 @@ class Prologue(NamedTuple):
     copy_index: bool  # kv_index / kv_lengths copied to unit stride
     copy_lengths: bool
     broadcast_q: bool  # batch-1 q under a larger batch: read with batch stride 0
-    is_cuda: bool
-    device_index: int | None
+    is_cuda: bool  # planned for a GPU (configs.targets_gpu): GPU tiles
+    sms: int | None  # the GPU's SMs (split-KV); None for the interpreter
     input_strides: tuple[int, ...]  # q (b, m, h), k (b, n, h), v (b, n, h), after any copy
     mask_strides: tuple[int, ...]  # key padding (b, n), kv_index (b), rope q (s, b, n), rope k (s, b, n)
     sizes: tuple[int, ...]  # H, Nq, Nk, Nk_rows, kernel DQK, kernel DV, ROT_DIM
@@ -278,14 +281,14 @@ def prologue(sig: tuple) -> Prologue:
             q_rope_stride[0], 0 if q_rope_shape[1] == 1 else q_rope_stride[1], q_rope_stride[2],
             k_rope_stride[0], 0 if k_rope_shape[1] == 1 else k_rope_stride[1], k_rope_stride[2],
         )  # fmt: skip
-    is_cuda = device.type == "cuda"
+    is_cuda = configs.targets_gpu(device)
     return Prologue(
         batch=batch, heads=heads, num_queries=num_queries, num_keys=num_keys, num_rows=num_rows,
         head_dim_qk=head_dim_qk, head_dim_v=head_dim_v, kernel_head_dim_qk=kernel_qk, kernel_head_dim_v=kernel_v,
         qk_tiles=configs.head_dim_tiling(kernel_qk, configs.QK_CHUNK),
         v_tiles=configs.head_dim_tiling(kernel_v, configs.V_CHUNK),
         copy_q=copy_q, copy_k=copy_k, copy_v=copy_v, copy_index=copy_index, copy_lengths=copy_lengths,
-        broadcast_q=broadcast_q, is_cuda=is_cuda, device_index=device.index if is_cuda else None,
+        broadcast_q=broadcast_q, is_cuda=is_cuda, sms=configs.sm_count(device),
         input_strides=tuple(strides),
         mask_strides=(*(pad_stride or (0, 0)), index_stride, *rope_strides),
         sizes=(heads, num_queries, num_keys, num_rows, kernel_qk, kernel_v, rotary_dim),

@@ -105,9 +105,10 @@ def forward_config(
         return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
     widest = max(head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block)
     if num_queries is not None and num_queries <= DECODE_MAX_QUERIES:
-        # 128-key steps only where three stages of K and V tiles stay well inside shared memory.
+        # 128-key steps, two stages: with three, ptxas spilled (4 bytes) and decode-rotary needed 210 KiB
+        # of shared memory on sm_90a (benchmarks/results/static-*: the static kernel report).
         if widest <= 64:
-            return LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
+            return LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2)
         return LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=2)
     if widest <= 64:
         return LaunchConfig(block_m=128, block_n=64, num_warps=4 if causal else 8, num_stages=3)
@@ -151,32 +152,53 @@ def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> Backwar
     return BackwardConfig(32, 64, 8, 1, "split", dq_block_m=64, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
 
 
+# The static kernel report (benchmarks/kernel_report.py) plans launches for a GPU that is not there:
+# inside planning_for_gpu(sms) every device is planned as a GPU with that many SMs.
+_planned_sms: int | None = None
+
+
+def set_planned_gpu(sms: int | None) -> int | None:
+    """Plan every launch as for a GPU with ``sms`` SMs (None: plan for the actual device); returns the
+    previous setting. Only for compiling kernels without a GPU: launch plans are cached per input
+    signature, so the caller clears those caches around it (kernel_report.py does)."""
+    global _planned_sms
+    previous, _planned_sms = _planned_sms, sms
+    return previous
+
+
+def targets_gpu(device: torch.device) -> bool:
+    """Whether launches for ``device`` get GPU tiles (else the interpreter's small ones)."""
+    return device.type == "cuda" or _planned_sms is not None
+
+
+def sm_count(device: torch.device) -> int | None:
+    """SMs of the GPU ``device`` is planned for; None for the interpreter (no split-KV by itself)."""
+    if _planned_sms is not None:
+        return _planned_sms
+    return _sm_count(device.index or 0) if device.type == "cuda" else None
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_kv_splits(
-    base_programs: int, num_key_blocks: int, device_index: int | None, min_blocks_per_split: int = 4
-) -> int:
+def num_kv_splits(base_programs: int, num_key_blocks: int, sms: int | None, min_blocks_per_split: int = 4) -> int:
     """How many programs share one query block's key range (split-KV).
 
     Perceiver cross-attention has few query blocks and a huge key axis, so ``B * H * query blocks``
     programs can leave most SMs idle. We split the key axis until there are about two programs per
     SM, keeping at least ``min_blocks_per_split`` key blocks per split so the merge stays cheap.
     """
-    if device_index is None:  # interpreter: splitting only costs time; tests force it explicitly
+    if sms is None:  # interpreter: splitting only costs time; tests force it explicitly
         return 1
-    sms = _sm_count(device_index)
     if base_programs >= sms:
         return 1
     wanted = cdiv(2 * sms, base_programs)
     return max(1, min(wanted, num_key_blocks // min_blocks_per_split))
 
 
-def plan_kv_splits(
-    requested: int, base_programs: int, num_keys: int, block_n: int, device_index: int | None
-) -> tuple[int, int]:
+def plan_kv_splits(requested: int, base_programs: int, num_keys: int, block_n: int, sms: int | None) -> tuple[int, int]:
     """``(num_splits, keys_per_split)`` for a split-KV launch (the forward and the dQ pass).
 
     ``requested`` > 0 forces the split count (tests), 0 asks ``num_kv_splits``. Splits own whole key
@@ -184,6 +206,6 @@ def plan_kv_splits(
     """
     num_key_blocks = max(1, cdiv(num_keys, block_n))
     if requested <= 0:
-        requested = num_kv_splits(base_programs, num_key_blocks, device_index)
+        requested = num_kv_splits(base_programs, num_key_blocks, sms)
     blocks_per_split = cdiv(num_key_blocks, requested)
     return cdiv(num_key_blocks, blocks_per_split), blocks_per_split * block_n

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 _logs: list[LaunchLog] = []
 _execute = True
@@ -22,6 +23,8 @@ class LaunchLog:
     """The launches made inside one :func:`record_launches` block: kernel names in order, with grids."""
 
     launches: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    keep_args: bool = False
+    calls: list[Launch] = field(default_factory=list)  # with keep_args: every launch, arguments and all
 
     @property
     def count(self) -> int:
@@ -32,12 +35,20 @@ class LaunchLog:
         return [name for name, _ in self.launches]
 
 
+class Launch(NamedTuple):
+    kernel: object  # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+
+
 @contextmanager
-def record_launches(execute: bool = True) -> Iterator[LaunchLog]:
+def record_launches(execute: bool = True, keep_args: bool = False) -> Iterator[LaunchLog]:
     """Log every Triton launch made inside the block; with ``execute=False`` also skip them (host-only
-    timing). Not thread-safe: the log and the switch are process-wide."""
+    timing); with ``keep_args`` also keep each launch's kernel and arguments (the static kernel report
+    compiles them). Not thread-safe: the log and the switch are process-wide."""
     global _execute
-    log = LaunchLog()
+    log = LaunchLog(keep_args=keep_args)
     previous = _execute
     _logs.append(log)
     _execute = execute and previous
@@ -54,6 +65,8 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict) -> None
         entry = (getattr(kernel, "__name__", None) or kernel.fn.__name__, grid)
         for log in _logs:
             log.launches.append(entry)
+            if log.keep_args:
+                log.calls.append(Launch(kernel, grid, args, constexprs))
         if not _execute:
             return
     kernel[grid](*args, **constexprs)

@@ -88,7 +88,7 @@ def sum_and_rotate(
     batch = out.shape[0]
     if out.numel() == 0:
         return out
-    block_n = 64 if out.device.type == "cuda" else 16
+    block_n = 64 if configs.targets_gpu(out.device) else 16
     block_d = min(configs.next_power_of_2(max(head_dim, 16)), 128)
     num_n_blocks = configs.cdiv(num_rows, block_n)
     rope = (0, 0, 0)

@@ -88,7 +88,7 @@ def cuda_attention(problem: AttentionProblem) -> tuple[Tensor, Tensor]:
     if num_splits == 0:
         base_programs = problem.batch * problem.heads * configs.cdiv(problem.num_queries, BLOCK_M)
         num_splits = configs.num_kv_splits(
-            base_programs, configs.cdiv(problem.num_keys, BLOCK_N), problem.q.device.index or 0
+            base_programs, configs.cdiv(problem.num_keys, BLOCK_N), configs.sm_count(problem.q.device)
         )
     return torch.ops.perceiver_kernels.cuda_attention_fwd(*args[:-1], num_splits)
 

@@ -1,0 +1,45 @@
+"""The static kernel report (benchmarks/kernel_report.py): every kernel the suite launches compiles for
+sm_90a, and the fast-path configs neither spill nor exceed the card's shared memory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.kernel_report import problems
+
+ATTENTION_KERNELS = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine measures the compiled kernels themselves")
+def test_suite_kernels_compile_for_sm90_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "perceiver_kernels", "kernels", "--arch", "90", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    data = json.loads((tmp_path / "kernels-sm90.json").read_text())
+    rows = data["rows"]
+    launched = {r["kernel"] for r in rows}
+    assert ATTENTION_KERNELS | {"_merge_splits_kernel", "_sum_rotate_kernel", "_bwd_delta_kernel"} <= launched
+    # Hopper: every attention dot with a 64-row (or wider) tile runs on wgmma.
+    for r in rows:
+        if r["kernel"] in ATTENTION_KERNELS and "BLOCK_M=16 " not in r["config"]:
+            assert r["wgmma"] > 0, r
+    assert "Static kernel report: sm_90a" in result.stdout
+
+
+def test_problems_flag_spills_and_shared_memory():
+    row = dict(
+        kernel="_fwd_kernel", config="BLOCK_M=128 NUM_DK=1 NUM_DV=1", spill_stores=0, spill_loads=0, shared_ok=True,
+        shared=1024,
+    )  # fmt: skip
+    assert problems({"rows": [row]}) == []
+    assert problems({"rows": [{**row, "spill_stores": 8}]})[0].endswith("spills 8/0 bytes")
+    # Chunked head dims (above the fast path) may spill without failing; shared memory never.
+    assert problems({"rows": [{**row, "config": "NUM_DK=5 NUM_DV=3", "spill_loads": 8}]}) == []
+    assert "needs 1024 bytes" in problems({"rows": [{**row, "shared_ok": False}]})[0]
