@@ -51,9 +51,22 @@ class Compiled:
     num_warps: int
 
 
-def meta_problem(shape, dtype: torch.dtype):
-    """The suite shape's ``pk.attention`` arguments as meta tensors, laid out as the suite lays them out
-    ((B, H, N, D) storage viewed as (B, N, H, D)), with its masks, lengths, positions and gather."""
+@dataclass(frozen=True)
+class MetaProblem:
+    """One attention call as meta tensors (shapes, strides and dtypes, no data)."""
+
+    name: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    options: dict
+    forward_only: bool = False
+    lse_gradient: bool = False  # the backward also receives a gradient of the lse (HAS_DLSE)
+
+
+def suite_problem(shape, dtype: torch.dtype) -> MetaProblem:
+    """A suite shape's ``pk.attention`` call, laid out as the suite lays it out ((B, H, N, D) storage viewed
+    as (B, N, H, D)), with its masks, lengths, positions and gather."""
 
     def tensor(n: int, d: int):
         return torch.empty(shape.batch, shape.heads, n, d, device="meta", dtype=dtype).transpose(1, 2)
@@ -62,18 +75,34 @@ def meta_problem(shape, dtype: torch.dtype):
         return None if t is None else t.to("meta")
 
     positions = shape.positions() or (None, None)
-    q, k, v = tensor(shape.nq, shape.dqk), tensor(shape.nk, shape.dqk), tensor(shape.nk, shape.dv)
     options = dict(
         causal=shape.causal, key_padding_mask=meta(shape.key_padding_mask()), kv_lengths=meta(shape.kv_lengths()),
         kv_index=meta(shape.kv_index()), rotary_dim=shape.rotary_dim, q_positions=meta(positions[0]),
         k_positions=meta(positions[1]),
     )  # fmt: skip
-    return q, k, v, options
+    q, k, v = tensor(shape.nq, shape.dqk), tensor(shape.nk, shape.dqk), tensor(shape.nk, shape.dv)
+    return MetaProblem(shape.name, q, k, v, options, forward_only=shape.forward_only)
 
 
-def recorded_launches(shapes, dtype: torch.dtype, sms: int) -> list[tuple[str, str, object]]:
-    """``(shape name, pass, Launch)`` for every launch of every shape's forward and backward, planned for a
-    GPU with ``sms`` SMs."""
+def matrix_problems(dtypes: tuple[torch.dtype, ...]) -> list[MetaProblem]:
+    """The correctness matrix (``testing.FEATURE_CASES`` and ``AR_CASES``: what the GPU tests compile), in
+    each dtype, with a gradient flowing into the lse too (every flag combination the tests reach)."""
+    from perceiver_kernels.testing import AR_CASES, FEATURE_CASES, attention_options, make_inputs
+
+    problems = []
+    for dtype in dtypes:
+        for name, case in {**FEATURE_CASES, **AR_CASES}.items():
+            inputs = make_inputs(case, dtype, "meta")
+            label = f"{name} {str(dtype).removeprefix('torch.')}"
+            problems.append(
+                MetaProblem(label, inputs["q"], inputs["k"], inputs["v"], attention_options(inputs), lse_gradient=True)
+            )
+    return problems
+
+
+def recorded_launches(problems: list[MetaProblem], sms: int) -> list[tuple[str, str, object]]:
+    """``(problem name, pass, Launch)`` for every launch of every problem's forward and backward, planned
+    for a GPU with ``sms`` SMs."""
     from perceiver_kernels.kernels import attention_bwd, attention_fwd, common, configs
     from perceiver_kernels.kernels.launch import record_launches
     from perceiver_kernels.ops.triton_attention import triton_attention
@@ -86,17 +115,16 @@ def recorded_launches(shapes, dtype: torch.dtype, sms: int) -> list[tuple[str, s
     for cache in caches:
         cache.cache_clear()
     try:
-        for shape in shapes:
-            q, k, v, options = meta_problem(shape, dtype)
-            with record_launches(execute=False, keep_args=True) as forward:
-                out, lse = triton_attention(describe(q, k, v, **options))
-            launches += [(shape.name, "fwd", call) for call in forward.calls]
-            if not shape.forward_only:
-                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-                with record_launches(execute=False, keep_args=True) as backward:
-                    out, _ = triton_attention(describe(q, k, v, **options))
+        for problem in problems:
+            q, k, v = (t.detach().requires_grad_(not problem.forward_only) for t in (problem.q, problem.k, problem.v))
+            with record_launches(execute=False, keep_args=True) as log:
+                out, lse = triton_attention(describe(q, k, v, **problem.options))
+                forward = len(log.calls)
+                if problem.lse_gradient:
+                    torch.autograd.backward((out, lse), (torch.empty_like(out), torch.empty_like(lse)))
+                elif not problem.forward_only:
                     out.backward(torch.empty_like(out))
-                launches += [(shape.name, "bwd", call) for call in backward.calls[len(forward.calls) :]]
+            launches += [(problem.name, "fwd" if i < forward else "bwd", call) for i, call in enumerate(log.calls)]
     finally:
         set_value_checks(checks)
         configs.set_planned_gpu(previous)
@@ -156,14 +184,14 @@ def compile_launch(call, arch: int) -> tuple[tuple, Compiled]:
     )  # fmt: skip
 
 
-def run_report(arch: int, shapes, dtype: torch.dtype, progress: bool | None = None) -> dict:
+def run_report(arch: int, problems: list[MetaProblem], label: str, progress: bool | None = None) -> dict:
     import triton
     from tqdm import tqdm
 
     spec = ARCHES[arch]
     started = time.perf_counter()
     rows: dict[tuple, dict] = {}
-    launches = recorded_launches(shapes, dtype, spec["sms"])
+    launches = recorded_launches(problems, spec["sms"])
     disable = {None: None, True: False, False: True}[progress]
     for shape_name, pass_, call in tqdm(launches, unit="launch", disable=disable):
         key, figures = compile_launch(call, arch)
@@ -183,7 +211,7 @@ def run_report(arch: int, shapes, dtype: torch.dtype, progress: bool | None = No
         "kind": "kernel-report",
         "arch": arch,
         **spec,
-        "dtype": str(dtype).removeprefix("torch."),
+        "problems": label,
         "triton": triton.__version__,
         "torch": torch.__version__,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -204,7 +232,7 @@ def text_report(results: dict) -> str:
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = [
-        f"Static kernel report: {results['gpu']}, {results['dtype']}, triton {results['triton']}, "
+        f"Static kernel report: {results['gpu']}, {results['problems']}, triton {results['triton']}, "
         f"shared-memory limit {results['shared_limit'] / 1024:.0f} KiB per block ({results['timestamp']})",
         "",
     ]
@@ -215,7 +243,7 @@ def text_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def problems(results: dict, fast_path_only: bool = True) -> list[str]:
+def findings(results: dict, fast_path_only: bool = True) -> list[str]:
     """Spills (in fast-path kernels: head dims in one tile, ``NUM_DK``/``NUM_DV`` 1) and shared memory over
     the card's limit (in any kernel)."""
     found = []
@@ -235,9 +263,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="perceiver-kernels kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(ARCHES), default=90, help="compute capability x10")
-    parser.add_argument("--suite", choices=sorted(SUITES), default="perceiver")
+    parser.add_argument(
+        "--suite",
+        choices=(*sorted(SUITES), "matrix"),
+        default="perceiver",
+        help="a benchmark suite's shapes, or the tests' correctness matrix (float16, bfloat16 and float32)",
+    )
     parser.add_argument("--shapes", help="comma-separated subset of the suite's shapes")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="suites only")
     parser.add_argument("--out", type=Path, help="write kernels-sm<arch>.json and .txt here")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args(argv)
@@ -246,24 +279,31 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         command = [sys.executable, "-m", "perceiver_kernels", "kernels", *(argv if argv is not None else sys.argv[2:])]
         return subprocess.call(command, env=env)
-    shapes = SUITES[args.suite]
-    if args.shapes:
-        wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - {s.name for s in shapes})
-        if unknown:
-            print(f"kernels: --shapes {', '.join(unknown)} not in the {args.suite!r} suite", file=sys.stderr)
-            return 2
-        shapes = [s for s in shapes if s.name in wanted]
-    results = run_report(args.arch, shapes, getattr(torch, args.dtype), args.progress)
+    if args.suite == "matrix":
+        problems = matrix_problems((torch.float16, torch.bfloat16, torch.float32))
+        label = "the correctness matrix in float16, bfloat16 and float32"
+    else:
+        shapes = SUITES[args.suite]
+        if args.shapes:
+            wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
+            unknown = sorted(set(wanted) - {s.name for s in shapes})
+            if unknown:
+                print(f"kernels: --shapes {', '.join(unknown)} not in the {args.suite!r} suite", file=sys.stderr)
+                return 2
+            shapes = [s for s in shapes if s.name in wanted]
+        problems = [suite_problem(shape, getattr(torch, args.dtype)) for shape in shapes]
+        label = f"the {args.suite} suite in {args.dtype}"
+    results = run_report(args.arch, problems, label, args.progress)
     text = text_report(results)
-    found = problems(results)
+    found = findings(results)
     if found:
         text += "\n\nPROBLEMS:\n" + "\n".join(f"  {p}" for p in found)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"kernels-sm{args.arch}.json").write_text(json.dumps(results, indent=1))
-        (args.out / f"kernels-sm{args.arch}.txt").write_text(text + "\n")
+        stem = f"kernels-{args.suite}-sm{args.arch}"
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        (args.out / f"{stem}.txt").write_text(text + "\n")
     return 1 if found else 0
 
 

@@ -11,9 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .problem import value_checks_enabled
+
 
 def append_to_cache(
-    k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, k_new: Tensor, v_new: Tensor, check_capacity: bool = True
+    k_cache: Tensor,
+    v_cache: Tensor,
+    kv_lengths: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    check_capacity: bool | None = None,
 ) -> Tensor:
     """Write ``k_new``/``v_new`` into the caches at rows ``kv_lengths[b] + [0, n)`` of each sample.
 
@@ -23,8 +30,9 @@ def append_to_cache(
         kv_lengths: int ``(B,)``, the valid rows of each sample before the append.
         k_new: ``(B, n, H, Dqk)``; v_new: ``(B, n, H, Dv)``, cast to the caches' dtype.
         check_capacity: verify that every sample has room (reads ``kv_lengths``, which is a device
-            synchronisation on CUDA; skipped under ``torch.compile``). Without it, an overflowing
-            append is an indexing error on the device.
+            synchronisation on CUDA; skipped under ``torch.compile``). Default: the value-checks switch
+            (``pk.set_value_checks``, off by default). Without it, an overflowing append is an indexing
+            error on the device.
 
     Returns:
         ``kv_lengths + n``, a new tensor of ``kv_lengths``' dtype.
@@ -45,6 +53,8 @@ def append_to_cache(
     if kv_lengths.dtype not in (torch.int32, torch.int64) or tuple(kv_lengths.shape) != (batch,):
         raise ValueError(f"kv_lengths must be an int32/int64 tensor of shape ({batch},), got "
                          f"{kv_lengths.dtype} {tuple(kv_lengths.shape)}")  # fmt: skip
+    if check_capacity is None:
+        check_capacity = value_checks_enabled()
     if check_capacity and not torch.compiler.is_compiling() and batch:
         if bool(((kv_lengths < 0) | (kv_lengths + num_new > capacity)).any()):
             raise ValueError(

@@ -193,3 +193,55 @@ def test_value_checks_default_comes_from_the_environment():
         env = {**__import__("os").environ, "PERCEIVER_KERNELS_CHECK_VALUES": value}
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert result.stdout.strip() == expected
+
+
+def decode_problem(batch=4, capacity=256, heads=4, head_dim=64, dtype=torch.bfloat16):
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    k_cache, v_cache = rand(batch, capacity, heads, head_dim), rand(batch, capacity, heads, head_dim)
+    lengths = torch.tensor([17, 100, 1, 200][:batch], device="cuda", dtype=torch.int32)
+    return k_cache, v_cache, lengths, rand(batch, 1, heads, head_dim)
+
+
+@pytest.mark.gpu
+def test_decode_loop_never_syncs(no_value_checks):
+    """A decode loop (append to the cache, then attend with rotary and per-sample lengths) under CUDA's
+    sync debug mode set to raise on any host-device synchronisation."""
+    k_cache, v_cache, lengths, q = decode_problem()
+    options = dict(causal=True, rotary_dim=32)
+    pk.attention(q, k_cache, v_cache, kv_lengths=lengths, **options)  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            lengths = pk.append_to_cache(k_cache, v_cache, lengths, torch.randn_like(q), torch.randn_like(q))
+            out = pk.attention(q, k_cache, v_cache, kv_lengths=lengths, **options)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = pk.attention(q, k_cache, v_cache, kv_lengths=lengths, backend="reference", **options)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_decode_step_replays_in_a_cuda_graph(no_value_checks):
+    """One decode step captured once and replayed with new lengths and queries: the host path keeps no
+    value it read at capture time (the lengths steer masks, default rotary positions and splits on the
+    device)."""
+    k_cache, v_cache, lengths, q = decode_problem()
+    options = dict(causal=True, rotary_dim=32)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the capture (compilation, cached tables)
+        pk.attention(q, k_cache, v_cache, kv_lengths=lengths, **options)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pk.attention(q, k_cache, v_cache, kv_lengths=lengths, **options)
+    for new_lengths in ([5, 60, 256, 1], [256, 0, 33, 128]):
+        lengths.copy_(torch.tensor(new_lengths, dtype=lengths.dtype))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = pk.attention(q, k_cache, v_cache, kv_lengths=lengths, backend="reference", **options)
+        torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.kernel_report import problems
+from benchmarks.kernel_report import findings
 
 ATTENTION_KERNELS = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
 
@@ -22,7 +22,7 @@ def test_suite_kernels_compile_for_sm90_without_spills(tmp_path):
         capture_output=True, text=True, env=env, timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    data = json.loads((tmp_path / "kernels-sm90.json").read_text())
+    data = json.loads((tmp_path / "kernels-perceiver-sm90.json").read_text())
     rows = data["rows"]
     launched = {r["kernel"] for r in rows}
     assert ATTENTION_KERNELS | {"_merge_splits_kernel", "_sum_rotate_kernel", "_bwd_delta_kernel"} <= launched
@@ -38,8 +38,8 @@ def test_problems_flag_spills_and_shared_memory():
         kernel="_fwd_kernel", config="BLOCK_M=128 NUM_DK=1 NUM_DV=1", spill_stores=0, spill_loads=0, shared_ok=True,
         shared=1024,
     )  # fmt: skip
-    assert problems({"rows": [row]}) == []
-    assert problems({"rows": [{**row, "spill_stores": 8}]})[0].endswith("spills 8/0 bytes")
+    assert findings({"rows": [row]}) == []
+    assert findings({"rows": [{**row, "spill_stores": 8}]})[0].endswith("spills 8/0 bytes")
     # Chunked head dims (above the fast path) may spill without failing; shared memory never.
-    assert problems({"rows": [{**row, "config": "NUM_DK=5 NUM_DV=3", "spill_loads": 8}]}) == []
-    assert "needs 1024 bytes" in problems({"rows": [{**row, "shared_ok": False}]})[0]
+    assert findings({"rows": [{**row, "config": "NUM_DK=5 NUM_DV=3", "spill_loads": 8}]}) == []
+    assert "needs 1024 bytes" in findings({"rows": [{**row, "shared_ok": False}]})[0]
