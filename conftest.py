@@ -17,14 +17,20 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (exhaustive profiles)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, without one)")
+    config.addinivalue_line("markers", "slow: an exhaustive profile, run with --run-slow (skipped otherwise)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton or CUDA C++ kernels); none on this machine")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton or CUDA C++ kernels); none on this machine")
+    skip_slow = pytest.mark.skip(reason="an exhaustive profile: run with --run-slow")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)

@@ -7,9 +7,10 @@ planning, allocation, the autograd bookkeeping and the launches themselves. Per 
 * ``us``: our whole per-call time with every Triton launch skipped through the package's measurement
   hook (``perceiver_kernels.kernels.launch.record_launches(execute=False)``), so it needs no GPU;
 * ``sdpa_us`` and ``ratio``: ``F.scaled_dot_product_attention``'s whole per-call time on the same tiny
-  input, measured in the same run (it really runs: on 16x16 its compute is negligible), and ours over it,
-  against the case's ``target`` ratio (issue 13: 2x for plain and causal calls, 3x with padding, rotary
-  or a gather);
+  input (it really runs: on 16x16 its compute is negligible), timed in turns with ours (REPEATS loops of
+  each, alternating, so that a shared machine's drift hits both alike), and the median of the per-loop
+  ratios ours / SDPA, against the case's ``target`` (issue 13: 2x for plain and causal calls, 3x with
+  padding, rotary or a gather);
 * ``launches`` and ``allocations`` per call (tensors with fresh storage, counted by a dispatch mode);
 * ``aten_pct``: the share of the call spent in ATen ops (dispatcher, allocation, small tensor ops), from
   ``torch.profiler``; the rest is Python (ours and autograd's).
@@ -23,6 +24,7 @@ Value checks (``pk.set_value_checks``) are off while measuring: the default path
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -39,7 +41,7 @@ import perceiver_kernels as pk
 from perceiver_kernels.kernels.launch import record_launches
 
 MODES = ("fwd", "fwd+bwd")
-CALLS, REPEATS, WARMUP = 200, 7, 20  # per timing: the median of REPEATS loops of CALLS calls
+CALLS, REPEATS, WARMUP = 200, 11, 20  # per timing: the median of REPEATS loops of CALLS calls
 HEADS, HEAD_DIM, TOKENS = 1, 16, 16  # the tiny problem: (B, 16, 1, 16)
 
 
@@ -167,22 +169,42 @@ def _step(attend: Callable[[], Tensor], mode: str, inputs: tuple[Tensor, ...], o
     return forward_backward
 
 
-def per_call_us(call: Callable[[], None], device: torch.device) -> tuple[float, float, float]:
-    """Median, p20 and p80 microseconds per call: REPEATS loops of CALLS calls each (a GPU is
-    synchronised once per loop, so a host-bound call is timed by its host time)."""
-    for _ in range(WARMUP):
+def loop_us(call: Callable[[], None], device: torch.device, calls: int = CALLS) -> float:
+    """Microseconds per call over one loop of ``calls`` calls (a GPU is synchronised once, at the end, so a
+    host-bound call is timed by its host time)."""
+    start = time.perf_counter()
+    for _ in range(calls):
         call()
     _sync(device)
-    samples = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            call()
-        _sync(device)
-        samples.append((time.perf_counter() - start) / CALLS * 1e6)
-    samples.sort()
-    quantile = statistics.quantiles(samples, n=5, method="inclusive")
-    return statistics.median(samples), quantile[0], quantile[3]
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def timed_side_by_side(ours: Callable[[], None], sdpa: Callable[[], None], device: torch.device) -> dict:
+    """REPEATS loops of each, taking turns (so drift on a shared machine hits both alike), ours with its
+    launches skipped, with the garbage collector paused: ``us``, ``p20_us``, ``p80_us``, ``sdpa_us`` and
+    ``ratio``, the median of the per-repeat ratios."""
+    with record_launches(execute=False):
+        for _ in range(WARMUP):
+            ours()
+    for _ in range(WARMUP):
+        sdpa()
+    _sync(device)
+    gc.collect()
+    gc.disable()
+    try:
+        pairs = []
+        for _ in range(REPEATS):
+            reference = loop_us(sdpa, device)
+            with record_launches(execute=False):
+                pairs.append((loop_us(ours, device), reference))
+    finally:
+        gc.enable()
+    ours_us = sorted(o for o, _ in pairs)
+    quantile = statistics.quantiles(ours_us, n=5, method="inclusive")
+    return {
+        "us": statistics.median(ours_us), "p20_us": quantile[0], "p80_us": quantile[3],
+        "sdpa_us": statistics.median(r for _, r in pairs), "ratio": statistics.median(o / r for o, r in pairs),
+    }  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -212,7 +234,7 @@ def profile_split(call: Callable[[], None], device: torch.device, calls: int = 5
     return split
 
 
-def measure_case(case: HostCase, mode: str, device: torch.device, dtype: torch.dtype, sdpa_us: float) -> dict:
+def measure_case(case: HostCase, mode: str, device: torch.device, dtype: torch.dtype) -> dict:
     call = make_call(case, mode, device, dtype)
     row = {"kind": "host", "case": case.name, "mode": mode, "target": case.target, "note": case.note}
     with record_launches(execute=False) as log:
@@ -222,16 +244,15 @@ def measure_case(case: HostCase, mode: str, device: torch.device, dtype: torch.d
     with record_launches(execute=False), CountAllocations() as counter:
         call()
     row["allocations"] = counter.count
+    row.update(timed_side_by_side(call, make_sdpa_call(mode, device, dtype), device))
     with record_launches(execute=False):
-        row["us"], row["p20_us"], row["p80_us"] = per_call_us(call, device)
         row.update(profile_split(call, device))
-    row["sdpa_us"] = sdpa_us
-    row["ratio"] = row["us"] / sdpa_us
     row["meets_target"] = row["ratio"] <= case.target
     if device.type == "cuda":
-        real = per_call_us(call, device)[0]
-        row["real_us"] = real
-        row["launcher_us"] = real - row["us"]
+        for _ in range(WARMUP):
+            call()
+        row["real_us"] = statistics.median(loop_us(call, device) for _ in range(REPEATS))
+        row["launcher_us"] = row["real_us"] - row["us"]
         row.update({f"real_{k}": v for k, v in profile_split(call, device).items()})
     return row
 
@@ -246,21 +267,18 @@ def run_host_suite(device: torch.device, dtype: torch.dtype, cases=HOST_CASES, m
     results.update(suite="host", modes=list(modes), calls=CALLS, repeats=REPEATS, rows=[], sdpa={})
     checks = pk.set_value_checks(False)
     disable = {None: None, True: False, False: True}[progress]
-    bar = tqdm(total=len(cases) * len(modes) + len(modes), unit="row", disable=disable, dynamic_ncols=True)
+    bar = tqdm(total=len(cases) * len(modes), unit="row", disable=disable, dynamic_ncols=True)
     try:
-        for mode in modes:
-            sdpa = make_sdpa_call(mode, device, dtype)
-            us, p20, p80 = per_call_us(sdpa, device)
-            results["sdpa"][mode] = {"us": us, "p20_us": p20, "p80_us": p80, **profile_split(sdpa, device)}
-            bar.update(1)
         for case in cases:
             for mode in modes:
                 bar.set_description(f"{case.name} {mode}")
-                results["rows"].append(measure_case(case, mode, device, dtype, results["sdpa"][mode]["us"]))
+                results["rows"].append(measure_case(case, mode, device, dtype))
                 bar.update(1)
     finally:
         bar.close()
         pk.set_value_checks(checks)
+    for mode in modes:  # SDPA's per-call time over the whole run (each row has the one measured beside it)
+        results["sdpa"][mode] = {"us": statistics.median(r["sdpa_us"] for r in results["rows"] if r["mode"] == mode)}
     return results
 
 

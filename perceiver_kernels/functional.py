@@ -71,7 +71,8 @@ def attention(
             clamped; order and range are checked only when value checks are on.
 
     Tensors may have any strides as long as the last dim is contiguous. dtypes: float16, bfloat16,
-    float32 (computed at float32 accuracy, no TF32); float64 is accepted for verification. Softmax
+    float32 (computed at float32 accuracy: 3xTF32 on a GPU, never plain TF32); float64 is accepted for
+    verification. Softmax
     statistics and accumulation are float32. Gradients come back laid out like their inputs.
 
     No call reads a tensor's values on the host (no device synchronisation) unless value checks are
@@ -164,7 +165,7 @@ def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | N
     if q.device.type == "cuda":
         if q.dtype == torch.float64:
             # Triton has no float64 dot on GPUs; float64 is a CPU-interpreter verification mode.
-            return "Triton has no float64 matrix product on GPUs; use float32 (computed without TF32)"
+            return "Triton has no float64 matrix product on GPUs; use float32 (computed at float32 accuracy)"
         return None
     if q.device.type != "cpu":
         return f"the Triton backend runs on CUDA tensors, got a {q.device.type} tensor"

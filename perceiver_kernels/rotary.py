@@ -65,17 +65,32 @@ def rope_tables(problem) -> tuple[Tensor, Tensor]:
     if q_positions is not None and k_positions is not None:
         return rope_table(q_positions, rotary_dim, base), rope_table(k_positions, rotary_dim, base)
     table, half = _position_table(q.device, rotary_dim, base, max(num_rows, num_queries))
-    k_table = table[:, :, half : half + num_rows] if k_positions is None else rope_table(k_positions, rotary_dim, base)
+    # narrow, not slicing: tensor __getitem__ parses its index in Python, several microseconds a call.
+    k_table = table.narrow(2, half, num_rows) if k_positions is None else rope_table(k_positions, rotary_dim, base)
     if q_positions is not None:
         q_table = rope_table(q_positions, rotary_dim, base)
     elif problem.kv_lengths is None or problem.kv_index is not None:
-        start = half + causal_offset(num_rows, num_queries)
-        q_table = table[:, :, start : start + num_queries]
+        q_table = table.narrow(2, half + causal_offset(num_rows, num_queries), num_queries)
     else:  # per sample: the last Nq of the sample's valid keys (clamped as the kernels clamp them)
-        first = problem.kv_lengths.clamp(0, num_rows) + (half - num_queries)  # (B,)
-        rows = first[:, None] + torch.arange(num_queries, device=q.device)  # (B, Nq)
-        q_table = table[:, 0, rows]  # (2, B, Nq, R/2)
+        rows = problem.kv_lengths.clamp(0, num_rows).unsqueeze(1) + _query_offsets(q.device, num_queries, half)
+        batch = rows.shape[0]
+        # index_select, not advanced indexing: a few microseconds less per decode step.
+        q_table = table.index_select(2, rows.view(-1)).view(2, batch, num_queries, rotary_dim // 2)
     return q_table, k_table
+
+
+_offsets: dict[tuple, Tensor] = {}
+
+
+def _query_offsets(device: torch.device, num_queries: int, half: int) -> Tensor:
+    """``arange(Nq) + half - Nq`` (int64), cached: query ``i``'s table row is ``L_b`` plus this."""
+    key = (device, num_queries, half)
+    offsets = _offsets.get(key)
+    if offsets is None:
+        offsets = torch.arange(num_queries, device=device) + (half - num_queries)
+        if not (torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            _offsets[key] = offsets
+    return offsets
 
 
 def default_positions(

@@ -153,7 +153,7 @@ def test_dq_modes(name, dq_mode, num_splits, dtype, device):
     from perceiver_kernels.kernels import configs
 
     case = FEATURE_CASES[name]
-    default = configs.backward_config(case.dqk, case.dv, device.type == "cuda")
+    default = configs.backward_config(case.dqk, case.dv, device.type == "cuda", element_size=dtype.itemsize)
     bwd_config = replace(default, dq_mode=dq_mode)
 
     def fn(q, k, v, causal, key_padding_mask, kv_lengths):

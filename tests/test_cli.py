@@ -162,7 +162,7 @@ def test_bench_host_suite_writes_tables_json_and_plot(tmp_path):
     assert set(rows) == {(c, m) for c in ("plain", "decode") for m in ("fwd", "fwd+bwd")}
     assert rows["plain", "fwd"]["launches"] == 1 and rows["plain", "fwd+bwd"]["launches"] == 3
     for row in rows.values():
-        assert row["us"] > 0 and row["ratio"] == row["us"] / data["sdpa"][row["mode"]]["us"]
+        assert row["us"] > 0 and row["sdpa_us"] > 0 and row["ratio"] > 0  # ratio: median of per-loop ratios
         assert row["allocations"] >= 2 and 0 <= row["aten_pct"] <= 100
     assert "host overhead per call" in result.stdout and "SDPA whole call" in result.stdout
     assert (tmp_path / "host.png").stat().st_size > 1000

@@ -245,3 +245,43 @@ def test_decode_step_replays_in_a_cuda_graph(no_value_checks):
         torch.cuda.synchronize()
         expected = pk.attention(q, k_cache, v_cache, kv_lengths=lengths, backend="reference", **options)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_launch_retries_with_fewer_stages_when_shared_memory_runs_out():
+    """A card with less shared memory than the plan assumed: the launch drops pipeline stages until it
+    fits, and the plan's dict keeps the count that fit; other errors pass through."""
+    from triton.runtime.errors import OutOfResources
+
+    from perceiver_kernels.kernels.launch import launch
+
+    class Kernel:
+        __name__ = "fake_kernel"
+
+        def __init__(self, fits_at: int):
+            self.fits_at, self.tried = fits_at, []
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages=3, **constexprs):
+                self.tried.append(num_stages)
+                if num_stages > self.fits_at:
+                    raise OutOfResources(100_000 * num_stages, 232_448, "shared memory")
+
+            return run
+
+    kernel, plan = Kernel(fits_at=1), {"num_warps": 4, "num_stages": 3}
+    launch(kernel, (1,), (), plan)
+    assert kernel.tried == [3, 2, 1] and plan["num_stages"] == 1
+    launch(kernel, (1,), (), plan)
+    assert kernel.tried[3:] == [1]  # paid once
+    with pytest.raises(OutOfResources):  # one stage that does not fit is a real error
+        launch(Kernel(fits_at=0), (1,), (), {"num_stages": 2})
+
+    class Broken(Kernel):
+        def __getitem__(self, grid):
+            def run(*args, **constexprs):
+                raise RuntimeError("not a shared-memory refusal")
+
+            return run
+
+    with pytest.raises(RuntimeError, match="not a shared-memory"):
+        launch(Broken(0), (1,), (), {"num_stages": 3})

@@ -424,7 +424,10 @@ def backward_plan(
     batch, heads, num_queries, num_keys = pro.batch, pro.heads, pro.num_queries, pro.num_keys
     qk_tiles, v_tiles = pro.qk_tiles, pro.v_tiles
     fast_path = qk_tiles.num_chunks == 1 and v_tiles.num_chunks == 1
-    cfg = config or configs.backward_config(pro.kernel_head_dim_qk, pro.kernel_head_dim_v, pro.is_cuda)
+    cfg = config or configs.backward_config(
+        pro.kernel_head_dim_qk, pro.kernel_head_dim_v, pro.is_cuda, element_size=pro.element_size,
+        rotary=pro.flags["ROTARY"],
+    )  # fmt: skip
     # The split dQ kernel keeps whole q/dO rows in registers: fast path only.
     dq_split = cfg.dq_mode == "split" and fast_path
     flags = pro.flags
@@ -571,10 +574,10 @@ def attention_backward(
             constexprs,
         )  # fmt: skip
     if q_rope is not None:
-        dk = sum_and_rotate(dk[None], torch.empty_like(k), k_rope, rotary_dim, rotary_interleaved, inverse=True)
+        dk = sum_and_rotate(dk.unsqueeze(0), torch.empty_like(k), k_rope, rotary_dim, rotary_interleaved, inverse=True)
     if not plan.dq_direct:
-        parts = dq_buf if plan.dq_split else dq_buf[None]
+        parts = dq_buf if plan.dq_split else dq_buf.unsqueeze(0)
         if pro.broadcast_q:  # the partials of every sample add into the one query
-            parts = parts.flatten(0, 1)[:, None]
+            parts = parts.flatten(0, 1).unsqueeze(1)
         dq = sum_and_rotate(parts, dq, q_rope, rotary_dim, rotary_interleaved, inverse=True)
     return dq, dk, dv

@@ -256,8 +256,9 @@ def forward_plan(sig: tuple, scale: float, num_splits: int, config: configs.Laun
     batch, heads, num_queries, num_keys = pro.batch, pro.heads, pro.num_queries, pro.num_keys
     head_dim_v = pro.head_dim_v
     cfg = config or configs.forward_config(
-        pro.kernel_head_dim_qk, pro.kernel_head_dim_v, pro.flags["CAUSAL"], pro.is_cuda, num_queries
-    )
+        pro.kernel_head_dim_qk, pro.kernel_head_dim_v, pro.flags["CAUSAL"], pro.is_cuda, num_queries,
+        element_size=pro.element_size, rotary=pro.flags["ROTARY"],
+    )  # fmt: skip
     v_tiles = pro.v_tiles
     num_m_blocks = configs.cdiv(num_queries, cfg.block_m)
     num_splits, keys_per_split = configs.plan_kv_splits(

@@ -232,6 +232,7 @@ class Prologue(NamedTuple):
     copy_lengths: bool
     broadcast_q: bool  # batch-1 q under a larger batch: read with batch stride 0
     is_cuda: bool  # planned for a GPU (configs.targets_gpu): GPU tiles
+    element_size: int  # bytes per input element: 16-bit and float32 inputs get different tiles
     sms: int | None  # the GPU's SMs (split-KV); None for the interpreter
     input_strides: tuple[int, ...]  # q (b, m, h), k (b, n, h), v (b, n, h), after any copy
     mask_strides: tuple[int, ...]  # key padding (b, n), kv_index (b), rope q (s, b, n), rope k (s, b, n)
@@ -288,7 +289,7 @@ def prologue(sig: tuple) -> Prologue:
         qk_tiles=configs.head_dim_tiling(kernel_qk, configs.QK_CHUNK),
         v_tiles=configs.head_dim_tiling(kernel_v, configs.V_CHUNK),
         copy_q=copy_q, copy_k=copy_k, copy_v=copy_v, copy_index=copy_index, copy_lengths=copy_lengths,
-        broadcast_q=broadcast_q, is_cuda=is_cuda, sms=configs.sm_count(device),
+        broadcast_q=broadcast_q, is_cuda=is_cuda, element_size=dtype.itemsize, sms=configs.sm_count(device),
         input_strides=tuple(strides),
         mask_strides=(*(pad_stride or (0, 0)), index_stride, *rope_strides),
         sizes=(heads, num_queries, num_keys, num_rows, kernel_qk, kernel_v, rotary_dim),
@@ -336,8 +337,14 @@ def with_head_dim(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    # float32 must be computed at float32 accuracy: never let tl.dot fall back to TF32 silently.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """float32 dots at float32 accuracy on tensor cores: "tf32x3" splits each operand into a TF32 head and
+    a TF32 tail and sums three products (the 3xTF32 scheme of CUTLASS), about 2**-21 relative error per
+    product. Plain TF32 (2**-11) is never used. "ieee" (CUDA-core FMAs) spilled tens of KiB per thread and
+    outgrew shared memory on sm_90a (static kernel report); float64 (interpreter only) keeps it. 16-bit
+    inputs ignore the setting."""
+    if dtype == torch.float64:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:

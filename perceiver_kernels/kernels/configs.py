@@ -89,31 +89,50 @@ class LaunchConfig:
 
 
 def forward_config(
-    head_dim_qk: int, head_dim_v: int, causal: bool, is_cuda: bool, num_queries: int | None = None
+    head_dim_qk: int,
+    head_dim_v: int,
+    causal: bool,
+    is_cuda: bool,
+    num_queries: int | None = None,
+    *,
+    element_size: int = 2,
+    rotary: bool = False,
 ) -> LaunchConfig:
-    """Forward tile shape, chosen by the wider of the two head-dim tiles and the query count.
+    """Forward tile shape, chosen by the wider of the two head-dim tiles, the query count, the input's
+    element size and rotary.
 
-    D <= 64 values come from a sweep on an H200 (benchmarks/results/core-h200-2026-11-26-run2.json):
-    8 warps won on the non-causal cross-attention shapes, 4 warps on the causal one, where the
-    masked diagonal blocks favour more programs in flight. Decoding (at most ``DECODE_MAX_QUERIES``
-    queries) takes the smallest query tile ``tl.dot`` allows, so one query row does not pay for 128,
-    and long key steps, since it only streams K/V (not yet measured on a GPU).
+    16-bit, D <= 64: from a sweep on an H200 (benchmarks/results/core-h200-2026-11-26-run2.json): 8 warps
+    won on the non-causal cross-attention shapes, 4 warps on the causal one, where the masked diagonal
+    blocks favour more programs in flight. Everything else was chosen with the static kernel report
+    (``perceiver-kernels kernels``, sm_90a: no spills, shared memory within the card's limit) and is not
+    yet timed on a GPU: rotary reloads each tile's pair partners, which takes more pipelined shared
+    memory (hence fewer stages at D = 128 and smaller tiles at D = 256), and float32 goes through 3xTF32
+    (see ``common.dot_precision``) with operands twice as wide. Decoding (at most ``DECODE_MAX_QUERIES``
+    queries) takes the smallest query tile ``tl.dot`` allows, so one query row does not pay for 128, and
+    long key steps, since it only streams K/V (two stages: with three, ptxas spilled and decode-rotary
+    needed 210 KiB of shared memory).
     """
     if not is_cuda:
         # The interpreter pays per program and per loop step; small tiles keep awkward test shapes
         # exercising partial blocks.
         return LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
     widest = max(head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block)
-    if num_queries is not None and num_queries <= DECODE_MAX_QUERIES:
-        # 128-key steps, two stages: with three, ptxas spilled (4 bytes) and decode-rotary needed 210 KiB
-        # of shared memory on sm_90a (benchmarks/results/static-*: the static kernel report).
+    decode = num_queries is not None and num_queries <= DECODE_MAX_QUERIES
+    if element_size >= 4:
+        if decode:
+            return LaunchConfig(block_m=16, block_n=64 if widest <= 64 else 32, num_warps=4, num_stages=2)
         if widest <= 64:
-            return LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2)
-        return LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=2)
+            return LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+        return LaunchConfig(block_m=32, block_n=32 if widest <= 128 else 16, num_warps=4, num_stages=2)
+    if decode:
+        block_n = 128 if widest <= 64 else 64 if widest <= 128 else 32
+        return LaunchConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=2)
     if widest <= 64:
         return LaunchConfig(block_m=128, block_n=64, num_warps=4 if causal else 8, num_stages=3)
     if widest <= 128:
-        return LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2 if rotary else 3)
+    if rotary:
+        return LaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
     return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
 
 
@@ -139,17 +158,30 @@ class BackwardConfig:
     dq_num_stages: int = 2
 
 
-def backward_config(head_dim_qk: int, head_dim_v: int, is_cuda: bool) -> BackwardConfig:
-    """Backward tiles. D <= 64 from the H200 sweep (split dQ beat atomics by 1.5-2x on every shape);
-    wider head dims use smaller tiles to stay within registers."""
+def backward_config(
+    head_dim_qk: int, head_dim_v: int, is_cuda: bool, *, element_size: int = 2, rotary: bool = False
+) -> BackwardConfig:
+    """Backward tiles. 16-bit D <= 64 from the H200 sweep (split dQ beat atomics by 1.5-2x on every
+    shape); the rest chosen by the static kernel report as for :func:`forward_config`."""
     if not is_cuda:
         return BackwardConfig(16, 16, 4, 1, dq_block_m=16, dq_block_n=16, dq_num_stages=1)
     widest = max(head_dim_tiling(head_dim_qk, QK_CHUNK).block, head_dim_tiling(head_dim_v, V_CHUNK).block)
+    if element_size >= 4:
+        if widest <= 64:
+            return BackwardConfig(32, 32, 8, 2, "split", dq_block_m=32, dq_block_n=32, dq_num_warps=8, dq_num_stages=2)
+        if widest <= 128:
+            return BackwardConfig(32, 32, 8, 1, "split", dq_block_m=32, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
+        return BackwardConfig(32, 16, 8, 1, "split", dq_block_m=16, dq_block_n=32, dq_num_warps=4, dq_num_stages=1)
     if widest <= 64:
         return BackwardConfig(64, 64, 4, 3, "split", dq_block_m=128, dq_block_n=32, dq_num_warps=4, dq_num_stages=3)
     if widest <= 128:
-        return BackwardConfig(64, 64, 8, 2, "split", dq_block_m=64, dq_block_n=64, dq_num_warps=8, dq_num_stages=2)
-    return BackwardConfig(32, 64, 8, 1, "split", dq_block_m=64, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
+        block_n = 32 if rotary else 64  # rotary's partner loads: 64 keys spilled (sm_90a)
+        return BackwardConfig(64, block_n, 8, 2, "split", dq_block_m=64, dq_block_n=64, dq_num_warps=8, dq_num_stages=2)
+    if head_dim_tiling(head_dim_qk, QK_CHUNK).block <= 64:  # narrow qk, wide v (the MLM's 32/160)
+        return BackwardConfig(32, 64, 8, 1, "split", dq_block_m=64, dq_block_n=32, dq_num_warps=8, dq_num_stages=1)
+    # Both wide: 32 keys per program (64 spilled ~1 KiB). (With the narrow qk above, ptxas gave the 32-key
+    # dK/dV kernel 32 registers and 10 KiB of spills.)
+    return BackwardConfig(32, 32, 8, 1, "split", dq_block_m=32, dq_block_n=32, dq_num_warps=4, dq_num_stages=1)
 
 
 # The static kernel report (benchmarks/kernel_report.py) plans launches for a GPU that is not there:

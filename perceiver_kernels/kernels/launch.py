@@ -60,7 +60,12 @@ def record_launches(execute: bool = True, keep_args: bool = False) -> Iterator[L
 
 
 def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict) -> None:
-    """``kernel[grid](*args, **constexprs)`` (``constexprs`` also carries ``num_warps``/``num_stages``)."""
+    """``kernel[grid](*args, **constexprs)`` (``constexprs`` also carries ``num_warps``/``num_stages``).
+
+    A GPU with less shared memory per block than the tiles were chosen for (sm_90a's 227 KiB; sm_80 has
+    163, sm_86/89 99) makes Triton refuse the launch; the launch is then retried with one pipeline stage
+    fewer, down to one, and ``constexprs`` (a cached plan's own dict) keeps the stage count that fit, so
+    the refusal is paid once per signature."""
     if _logs:
         entry = (getattr(kernel, "__name__", None) or kernel.fn.__name__, grid)
         for log in _logs:
@@ -69,4 +74,22 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict) -> None
                 log.calls.append(Launch(kernel, grid, args, constexprs))
         if not _execute:
             return
-    kernel[grid](*args, **constexprs)
+    while True:
+        try:
+            kernel[grid](*args, **constexprs)
+            return
+        except Exception as error:
+            if not _fewer_stages(error, constexprs):
+                raise
+
+
+def _fewer_stages(error: Exception, constexprs: dict) -> bool:
+    """Lower ``constexprs["num_stages"]`` in place if ``error`` is Triton's out-of-shared-memory refusal
+    and a stage can go; whether it did."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = constexprs.get("num_stages", 3)
+    if not isinstance(error, OutOfResources) or "shared memory" not in str(error) or stages <= 1:
+        return False
+    constexprs["num_stages"] = stages - 1
+    return True

@@ -112,4 +112,4 @@ def rotate(x: torch.Tensor, table: torch.Tensor, rotary_dim: int, interleaved: b
     ``x`` with a per-sample table becomes per-sample)."""
     batch = max(x.shape[0], table.shape[1])
     out = x.new_empty((batch, *x.shape[1:]))
-    return sum_and_rotate(x[None], out, table, rotary_dim, interleaved, inverse=inverse)
+    return sum_and_rotate(x.unsqueeze(0), out, table, rotary_dim, interleaved, inverse=inverse)

@@ -152,13 +152,18 @@ triton_attention_fwd.register_autograd(_compiled_backward, setup_context=_setup_
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The eager twin of the custom op's autograd: the same context and backward, without the dispatcher."""
+    """The eager twin of the custom op's autograd: the same context and backward, without the dispatcher.
+
+    Written in the form with ``ctx`` in ``forward``: with a separate ``setup_context``, ``apply`` binds
+    the arguments with ``inspect.signature`` on every call (measured: ~15% of a small fwd+bwd's host
+    time). functorch transforms (``torch.func``) need that form; the custom op's ``register_autograd``
+    does not have it either, so neither path supports them."""
 
     @staticmethod
-    def forward(*args):
-        return launchers()[0](*args)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, *args):
+        output = launchers()[0](*args)
+        _setup_context(ctx, args, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
