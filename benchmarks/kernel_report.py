@@ -207,8 +207,11 @@ def run_report(arch: int, problems: list[MetaProblem], label: str, progress: boo
         label = f"{shape_name} {pass_}"
         if label not in row["shapes"]:
             row["shapes"].append(label)
+    from .suite import _git_revision
+
     return {
         "kind": "kernel-report",
+        "git": _git_revision(),
         "arch": arch,
         **spec,
         "problems": label,
@@ -233,7 +236,8 @@ def text_report(results: dict) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = [
         f"Static kernel report: {results['gpu']}, {results['problems']}, triton {results['triton']}, "
-        f"shared-memory limit {results['shared_limit'] / 1024:.0f} KiB per block ({results['timestamp']})",
+        f"shared-memory limit {results['shared_limit'] / 1024:.0f} KiB per block ({results['timestamp']}, git "
+        f"{results['git']['sha'][:10]}{' dirty' if results['git']['dirty'] else ''}; compiled without a GPU)",
         "",
     ]
     for i, row in enumerate(table):
