@@ -204,9 +204,9 @@ def run_report(arch: int, problems: list[MetaProblem], label: str, progress: boo
                 "ctas_per_sm_by_registers": REGISTER_FILE // max(1, figures.registers * threads),
                 "shared_ok": figures.shared <= spec["shared_limit"],
             }
-        label = f"{shape_name} {pass_}"
-        if label not in row["shapes"]:
-            row["shapes"].append(label)
+        used_by = f"{shape_name} {pass_}"
+        if used_by not in row["shapes"]:
+            row["shapes"].append(used_by)
     from .suite import _git_revision
 
     return {
