@@ -364,7 +364,7 @@ def _plot(results: dict, out_dir: Path) -> Path:
     ax.set_xticks(range(len(cases)), cases, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("ours / SDPA, host time per call")
     ax.set_title(f"host overhead per call, {results['device']['name']}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path = out_dir / "host.png"
     fig.savefig(path, dpi=110)
