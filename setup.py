@@ -16,11 +16,30 @@ Environment:
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
+# The CUDA sources travel inside the package too (perceiver_kernels/csrc/ in the wheel), so that an
+# installed wheel without a prebuilt extension can still build it on first use; csrc/ and CMakeLists.txt
+# stay at the top level for C++ users (and in the sdist, MANIFEST.in).
+SHIPPED_SOURCES = ("*.cpp", "*.cu", "*.cuh", "*.h")
+
+
+class BuildPyWithSources(build_py):
+    """``build_py`` that also copies ``csrc/`` into the built package (not used by editable installs,
+    which read ``csrc/`` from the checkout)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "perceiver_kernels" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for pattern in SHIPPED_SOURCES:
+            for path in sorted((ROOT / "csrc").glob(pattern)):
+                shutil.copy2(path, target / path.name)
 
 
 def _build_settings():
@@ -68,4 +87,6 @@ def _extension() -> dict:
     return {}
 
 
-setup(**_extension())
+options = _extension()
+options.setdefault("cmdclass", {})["build_py"] = BuildPyWithSources
+setup(**options)

@@ -58,7 +58,7 @@ echo "check exit: ${PIPESTATUS[0]}"
 
 step host
 # Host overhead per call on tiny shapes: with launches skipped (the package's hook) and for real, so the
-# Triton launchers' share and the kernels' device time come out (benchmarks/host.py).
+# Triton launchers' share and the kernels' device time come out (perceiver_kernels/bench/host.py).
 timeout -k 10 "${HOST_TIMEOUT:-45}" python3 -m perceiver_kernels bench --suite host --device cuda --out "$out/host" \
   --no-progress 2>&1 | tee "$out/host.log"
 echo "host exit: ${PIPESTATUS[0]}"

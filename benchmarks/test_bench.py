@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from benchmarks.host import HOST_CASES, CountAllocations, make_call, make_sdpa_call
-from benchmarks.host import MODES as HOST_MODES
-from benchmarks.models import PERCEIVER_MODELS, QUICK_MODELS, first_step, relative_l2
-from benchmarks.providers import PROVIDERS, Unavailable, make_inputs
-from benchmarks.shapes import PERCEIVER_SUITE, QUICK_SUITE
-from benchmarks.suite import SUITE_DTYPES, reference_output, relative_difference
-from benchmarks.timing import make_step, synchronize
+from perceiver_kernels.bench.host import HOST_CASES, CountAllocations, make_call, make_sdpa_call
+from perceiver_kernels.bench.host import MODES as HOST_MODES
+from perceiver_kernels.bench.models import PERCEIVER_MODELS, QUICK_MODELS, first_step, relative_l2
+from perceiver_kernels.bench.providers import PROVIDERS, Unavailable, make_inputs
+from perceiver_kernels.bench.shapes import PERCEIVER_SUITE, QUICK_SUITE
+from perceiver_kernels.bench.suite import SUITE_DTYPES, reference_output, relative_difference
+from perceiver_kernels.bench.timing import make_step, synchronize
 from perceiver_kernels.kernels.launch import record_launches
 from perceiver_kernels.testing import BENCH_AGREEMENT_RTOL
 
@@ -79,7 +79,7 @@ def test_attention(benchmark, shape, mode, provider):
 
 @pytest.mark.parametrize("entry,batch,variant", MODEL_CASES)
 def test_model(benchmark, entry, batch, variant):
-    """A model entry's variant (``benchmarks/models.py``): one fwd+bwd step per round; our variants'
+    """A model entry's variant (``perceiver_kernels/bench/models.py``): one fwd+bwd step per round; our variants'
     first step is checked against the anchor's (output and gradients)."""
     variant = entry.variant(variant)
     backend = entry.backend_of(variant)
@@ -118,7 +118,7 @@ HOST_ROUNDS = 200  # host-overhead calls are microseconds: many rounds, even on 
 @pytest.mark.parametrize("mode", HOST_MODES)
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in HOST_CASES] + [pytest.param(None, id="sdpa")])
 def test_host_overhead(benchmark, case, mode):
-    """Host time per call (``benchmarks/host.py``): ours with every Triton launch skipped through the
+    """Host time per call (``perceiver_kernels/bench/host.py``): ours with every Triton launch skipped through the
     package's measurement hook, or SDPA's whole call on the same tiny input (``case`` None)."""
     previous = pk.set_value_checks(False)  # the default path is what is measured
     try:

@@ -4,9 +4,9 @@
 covers the op's features and prints one row per (case, backend, dtype). On a machine without a GPU it
 runs the Triton kernels through Triton's CPU interpreter on small shapes.
 
-``bench`` runs the benchmark suite of the source tree's ``benchmarks/`` folder (ours next to PyTorch
-SDPA, FlexAttention and naive attention on Perceiver-shaped problems, then model-level training steps);
-on CPU the ``quick`` suite.
+``bench`` runs the benchmark suite (``perceiver_kernels.bench``: ours next to PyTorch SDPA,
+FlexAttention and naive attention on Perceiver-shaped problems, then model-level training steps); on CPU
+the ``quick`` suite. ``kernels`` compiles every kernel the suite launches for a GPU that need not be here.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+
+from . import __version__
 
 CHECK_DTYPES = {"cpu": ("float32", "float16"), "cuda": ("float32", "float16", "bfloat16")}
 
@@ -163,7 +164,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__, functional
+    from . import functional
 
     print(f"perceiver-kernels {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}", end="")
@@ -188,8 +189,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {backend:9s} {'available' if reason is None else 'unavailable: ' + reason}")
     from .ops import cuda_extension
 
-    if cuda_extension.source is not None:
-        print(f"  cuda extension: {cuda_extension.source}")
+    print(f"  cuda extension: {cuda_extension.source or cuda_extension.availability()}")
     print("pk.patch integrations:")
     for package in ("transformers", "perceiver-pytorch", "perceiver-ar-pytorch"):
         try:
@@ -201,16 +201,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _benchmark_suite(module: str = "suite"):
-    """The suite lives in the source tree (``benchmarks/``, next to this package), not in the wheel."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / f"{module}.py").is_file():
-        raise SystemExit(
-            "bench: the benchmark suite is the benchmarks/ folder of a source checkout, and this install "
-            f"has none next to {Path(__file__).parent}; clone the repository and `pip install -e .` it"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(f"benchmarks.{module}")
+    """A module of the benchmark suite (``perceiver_kernels.bench``), imported on demand: it pulls in
+    matplotlib, the profiler and the model zoo, which ``info`` and ``check`` do not need."""
+    return importlib.import_module(f"perceiver_kernels.bench.{module}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -227,9 +220,10 @@ def _names(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["kernels"]:  # its own options (benchmarks/kernel_report.py)
+    if argv[:1] == ["kernels"]:  # its own options (perceiver_kernels/bench/kernel_report.py)
         return _benchmark_suite("kernel_report").main(argv[1:])
     parser = argparse.ArgumentParser(prog="perceiver-kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"perceiver-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and which backends can run")
     check = sub.add_parser("check", help="every backend against the reference on a fixed case list")

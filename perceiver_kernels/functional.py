@@ -148,14 +148,11 @@ def backend_unavailable_reason(backend: str, q: Tensor | None = None) -> str | N
     if backend == "reference":
         return None
     if backend == "cuda":
+        if q is not None and q.device.type != "cuda":  # asked first: no build for inputs it cannot take
+            return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor"
         from .ops import cuda_attention  # loads (or builds) the extension on first use
 
-        reason = cuda_attention.load()
-        if reason is not None:
-            return reason
-        if q is not None and q.device.type != "cuda":
-            return f"the CUDA backend runs on CUDA tensors, got a {q.device.type} tensor (the extension is loaded)"
-        return None
+        return cuda_attention.load()
     if check_backend(backend) != "triton":
         raise ValueError(f"backend={backend!r} has no availability check")  # "auto" names no one backend
     if importlib.util.find_spec("triton") is None:

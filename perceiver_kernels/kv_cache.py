@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import value_checks_enabled
+from .problem import tracing, value_checks_enabled
 
 
 def append_to_cache(
@@ -31,8 +31,9 @@ def append_to_cache(
         k_new: ``(B, n, H, Dqk)``; v_new: ``(B, n, H, Dv)``, cast to the caches' dtype.
         check_capacity: verify that every sample has room (reads ``kv_lengths``, which is a device
             synchronisation on CUDA; skipped under ``torch.compile``). Default: the value-checks switch
-            (``pk.set_value_checks``, off by default). Without it, an overflowing append is an indexing
-            error on the device.
+            (``pk.set_value_checks``, off by default). Without it, an append out of ``[0, capacity)``
+            (an overflow or a negative length) is an indexing error (on a GPU, a device-side assert),
+            never a silent write elsewhere.
 
     Returns:
         ``kv_lengths + n``, a new tensor of ``kv_lengths``' dtype.
@@ -55,13 +56,15 @@ def append_to_cache(
                          f"{kv_lengths.dtype} {tuple(kv_lengths.shape)}")  # fmt: skip
     if check_capacity is None:
         check_capacity = value_checks_enabled()
-    if check_capacity and not torch.compiler.is_compiling() and batch:
+    if check_capacity and not tracing() and batch:
         if bool(((kv_lengths < 0) | (kv_lengths + num_new > capacity)).any()):
             raise ValueError(
                 f"the cache holds {capacity} rows per sample; appending {num_new} to kv_lengths "
                 f"{kv_lengths.tolist()} does not fit"
             )
     rows = kv_lengths.to(torch.int64)[:, None] + torch.arange(num_new, device=k_cache.device)  # (B, n)
+    # A negative row would index from the end (a silent write into valid rows): make it out of range.
+    rows = rows.masked_fill(rows < 0, capacity)
     samples = torch.arange(batch, device=k_cache.device)[:, None]
     k_cache[samples, rows] = k_new.to(k_cache.dtype)
     v_cache[samples, rows] = v_new.to(v_cache.dtype)

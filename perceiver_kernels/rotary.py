@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import causal_offset
+from .problem import causal_offset, tracing
 
 
 def inverse_frequencies(rotary_dim: int, base: float, device: torch.device | str) -> Tensor:
@@ -35,22 +35,35 @@ def rope_table(positions: Tensor, rotary_dim: int, base: float) -> Tensor:
 
 # Tables of the default positions, per (device, rotary_dim, base): positions [-P, P) at rows [0, 2P).
 _position_tables: dict[tuple, Tensor] = {}
+# Tables a larger one replaced, kept alive: a captured CUDA graph (or a saved backward) may still read them,
+# and they add up to less than the live one (sizes double).
+_retired_tables: list[Tensor] = []
+
+
+def _cacheable(device: torch.device) -> bool:
+    """Whether a table built now may be kept: not while tracing (symbolic tensors) nor while a CUDA graph
+    is captured (its kernels would only run on replay)."""
+    return not (tracing() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
 
 
 def _position_table(device: torch.device, rotary_dim: int, base: float, reach: int) -> tuple[Tensor, int]:
     """``(table (2, 1, 2P, rotary_dim / 2), P)`` covering positions ``[-P, P)``, ``P >= reach``, cached
-    and grown by powers of two. Never cached while tracing (``torch.compile``) or while a CUDA graph is
-    being captured (its kernels would only run on replay)."""
+    and grown by powers of two (see :func:`_cacheable`). Built outside inference mode, so that a table first
+    made under ``torch.inference_mode()`` can later be saved for a backward."""
     key = (device, rotary_dim, base)
-    table = _position_tables.get(key)
+    cacheable = _cacheable(device)
+    table = _position_tables.get(key) if cacheable else None
     if table is not None and table.shape[2] >= 2 * reach:
         return table, table.shape[2] // 2
     half = max(256, 1 << max(0, reach - 1).bit_length())
-    table = rope_table(torch.arange(-half, half, device=device)[None], rotary_dim, base)
-    transient = torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-    if not transient:
-        _position_tables[key] = table
-    return table, half
+    if not cacheable:
+        return rope_table(torch.arange(-half, half, device=device)[None], rotary_dim, base), half
+    with torch.inference_mode(False), torch.no_grad():
+        new = rope_table(torch.arange(-half, half, device=device)[None], rotary_dim, base)
+    if table is not None:
+        _retired_tables.append(table)
+    _position_tables[key] = new
+    return new, half
 
 
 def rope_tables(problem) -> tuple[Tensor, Tensor]:
@@ -83,13 +96,17 @@ _offsets: dict[tuple, Tensor] = {}
 
 
 def _query_offsets(device: torch.device, num_queries: int, half: int) -> Tensor:
-    """``arange(Nq) + half - Nq`` (int64), cached: query ``i``'s table row is ``L_b`` plus this."""
+    """``arange(Nq) + half - Nq`` (int64), cached (see :func:`_cacheable`): query ``i``'s table row is
+    ``L_b`` plus this."""
     key = (device, num_queries, half)
-    offsets = _offsets.get(key)
-    if offsets is None:
-        offsets = torch.arange(num_queries, device=device) + (half - num_queries)
-        if not (torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
-            _offsets[key] = offsets
+    cacheable = _cacheable(device)
+    offsets = _offsets.get(key) if cacheable else None
+    if offsets is not None:
+        return offsets
+    if not cacheable:
+        return torch.arange(num_queries, device=device) + (half - num_queries)
+    with torch.inference_mode(False):
+        offsets = _offsets[key] = torch.arange(num_queries, device=device) + (half - num_queries)
     return offsets
 
 

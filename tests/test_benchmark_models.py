@@ -1,4 +1,4 @@
-"""The model-level benchmark entries (benchmarks/models.py): the SDPA variant of the Perceiver AR model
+"""The model-level benchmark entries (perceiver_kernels/bench/models.py): the SDPA variant of the Perceiver AR model
 against our reference backend, the suite's rows for model entries (checks, a wrong anchor, the time
 budget) and their tables and plots. The full quick pipeline runs in tests/test_cli.py."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import perceiver_kernels.models.perceiver as perceiver_module
-from benchmarks import models, report, suite
-from benchmarks.models import (
+from perceiver_kernels.bench import models, report, suite
+from perceiver_kernels.bench.models import (
     MODEL_SUITES,
     MODELS,
     PERCEIVER_MODELS,
@@ -20,7 +20,7 @@ from benchmarks.models import (
     attention_variant,
     first_step,
 )
-from benchmarks.shapes import SHAPES
+from perceiver_kernels.bench.shapes import SHAPES
 from perceiver_kernels.models import CausalSequenceModel, CausalSequenceModelConfig, MultiHeadAttention
 from perceiver_kernels.testing import compare
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from perceiver_kernels.bench import report
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 

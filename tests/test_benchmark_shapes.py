@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.shapes import PERCEIVER_SUITE, QUICK_SUITE, SHAPES, Shape
+from perceiver_kernels.bench.shapes import PERCEIVER_SUITE, QUICK_SUITE, SHAPES, Shape
 from perceiver_kernels.reference import visible_keys
 
 

@@ -153,7 +153,7 @@ def test_bench_stopped_by_a_signal_still_reports(tmp_path):
 
 def test_bench_host_suite_writes_tables_json_and_plot(tmp_path):
     """The host-overhead suite (launches skipped through the package's hook) runs on a CPU; a saved run
-    redraws with ``python -m benchmarks.report``."""
+    redraws with ``python -m perceiver_kernels.bench.report``."""
     result = run_cli("bench", "--suite", "host", "--shapes", "plain,decode", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -168,7 +168,7 @@ def test_bench_host_suite_writes_tables_json_and_plot(tmp_path):
     assert (tmp_path / "host.png").stat().st_size > 1000
     assert (tmp_path / "bench.md").read_text().count("| plain |") == 2
     redraw = subprocess.run(
-        [sys.executable, "-m", "benchmarks.report", str(tmp_path / "bench.json")],
+        [sys.executable, "-m", "perceiver_kernels.bench.report", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert redraw.returncode == 0 and "decode" in redraw.stdout, redraw.stderr

@@ -238,6 +238,9 @@ def test_decode_step_replays_in_a_cuda_graph(no_value_checks):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = pk.attention(q, k_cache, v_cache, kv_lengths=lengths, **options)
+    # A longer eager call grows the cached rotary table; the graph still reads the old one.
+    longer = torch.randn(q.shape[0], 4 * k_cache.shape[1], *k_cache.shape[2:], device="cuda", dtype=k_cache.dtype)
+    pk.attention(q, longer, longer, **options)
     for new_lengths in ([5, 60, 256, 1], [256, 0, 33, 128]):
         lengths.copy_(torch.tensor(new_lengths, dtype=lengths.dtype))
         q.copy_(torch.randn_like(q))
@@ -285,3 +288,47 @@ def test_launch_retries_with_fewer_stages_when_shared_memory_runs_out():
 
     with pytest.raises(RuntimeError, match="not a shared-memory"):
         launch(Broken(0), (1,), (), {"num_stages": 3})
+
+
+def test_rotary_tables_made_in_inference_mode_serve_training(device):
+    """The cached rotary table is built outside inference mode: an inference call first, then a training
+    call of the same shape that saves the table for its backward."""
+    from perceiver_kernels import rotary
+
+    rotary._position_tables.clear()
+    q, k, v = (torch.randn(1, n, 2, 16, device=device) for n in (4, 8, 8))
+    with torch.inference_mode():
+        pk.attention(q, k, v, rotary_dim=8, causal=True)
+    q.requires_grad_()
+    pk.attention(q, k, v, rotary_dim=8, causal=True).sum().backward()
+    expected = torch.autograd.grad(pk.attention(q, k, v, rotary_dim=8, causal=True, backend="reference").sum(), q)
+    torch.testing.assert_close(q.grad, expected[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake"])
+def test_make_fx_traces_the_custom_op(tracing_mode, device):
+    """``make_fx`` (what ``torch.export`` and AOT tools build on) sees the custom op, not the launchers,
+    and a fake trace leaves no fake tensor in the rotary cache for the eager calls after it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from perceiver_kernels import rotary
+
+    rotary._position_tables.clear()
+    q, k, v = (torch.randn(2, n, 2, 16, device=device) for n in (4, 8, 8))
+    lengths = torch.tensor([8, 5], device=device)
+
+    def call(q, k, v, lengths):
+        return pk.attention(q, k, v, rotary_dim=8, causal=True, kv_lengths=lengths)
+
+    graph = make_fx(call, tracing_mode=tracing_mode)(q, k, v, lengths)
+    assert torch.ops.perceiver_kernels.triton_attention_fwd.default in {node.target for node in graph.graph.nodes}
+    assert not rotary._position_tables
+    torch.testing.assert_close(graph(q, k, v, lengths), call(q, k, v, lengths))
+
+
+def test_append_to_cache_rejects_negative_lengths_without_checks(no_value_checks):
+    """With the checks off, a negative length is an indexing error, not a write into the cache's last rows."""
+    k_cache, v_cache = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2)
+    with pytest.raises(IndexError):
+        pk.append_to_cache(k_cache, v_cache, torch.tensor([-1]), torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+    assert not k_cache.any()

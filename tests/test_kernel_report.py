@@ -1,4 +1,4 @@
-"""The static kernel report (benchmarks/kernel_report.py): every kernel the suite launches compiles for
+"""The static kernel report (perceiver_kernels/bench/kernel_report.py): every kernel the suite launches compiles for
 sm_90a, and the fast-path configs neither spill nor exceed the card's shared memory."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.kernel_report import findings
+from perceiver_kernels.bench.kernel_report import findings
 
 ATTENTION_KERNELS = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
 

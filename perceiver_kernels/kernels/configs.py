@@ -184,7 +184,7 @@ def backward_config(
     return BackwardConfig(32, 32, 8, 1, "split", dq_block_m=32, dq_block_n=32, dq_num_warps=4, dq_num_stages=1)
 
 
-# The static kernel report (benchmarks/kernel_report.py) plans launches for a GPU that is not there:
+# The static kernel report (perceiver_kernels/bench/kernel_report.py) plans launches for a GPU that is not there:
 # inside planning_for_gpu(sms) every device is planned as a GPU with that many SMs.
 _planned_sms: int | None = None
 

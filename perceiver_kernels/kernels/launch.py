@@ -4,7 +4,7 @@ Keeping it one function makes launches countable and gives host-overhead measure
 part of the code, not a monkeypatch: inside :func:`record_launches` each launch is logged, and with
 ``execute=False`` it is skipped, so what remains of a call is its host work alone (validation,
 planning, allocation, dispatch, autograd). ``perceiver-kernels bench --suite host`` measures that way
-on a machine without a GPU (benchmarks/host.py). Outputs of skipped launches are left uninitialised.
+on a machine without a GPU (perceiver_kernels/bench/host.py). Outputs of skipped launches are left uninitialised.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import configs
-from ..problem import AttentionProblem
+from ..problem import AttentionProblem, tracing
 from ..reference import attention_reference
 from ..rotary import rotate
 from . import cuda_extension
@@ -71,7 +71,7 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, scale: float | None = No
     batch, heads, rows = k.shape[0], k.shape[2], max(q.shape[1], k.shape[1])
     if rows > MAX_ROWS or batch * heads * configs.cdiv(rows, 16) > INT32_MAX or batch * heads * q.shape[1] > INT32_MAX:
         return f"the CUDA kernels count rows and CTAs in int32: B={batch}, H={heads}, max(Nq, Nk)={rows} is too large"
-    if torch.compiler.is_compiling():  # no device queries while tracing; the op checks itself
+    if tracing():  # no device queries while tracing; the op checks itself
         return None
     if torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
         major, minor = torch.cuda.get_device_capability(q.device)

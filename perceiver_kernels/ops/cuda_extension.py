@@ -7,9 +7,10 @@ for ``backend="cuda"`` work without it, and ``perceiver-kernels info`` prints th
 Where it comes from, in order:
 1. ``perceiver_kernels._C``, built by ``setup.py`` at install time (``pip install --no-build-isolation``
    with a CUDA build of torch and a CUDA toolkit).
-2. A JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load`` (cached under torch's extension
-   directory), when the sources are there (a source checkout or an editable install), torch is a CUDA
-   build and ``nvcc`` is found.
+2. A JIT build of the sources with ``torch.utils.cpp_extension.load`` (cached under torch's extension
+   directory), when torch is a CUDA build and ``nvcc`` is found. The sources are ``perceiver_kernels/csrc/``
+   in an installed wheel (``setup.py`` copies them there) or ``csrc/`` of the checkout in an editable
+   install.
 
 Environment:
     PERCEIVER_KERNELS_NO_CUDA=1       never load or build the extension.
@@ -24,17 +25,50 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
 import sysconfig
 from pathlib import Path
 
-SOURCES_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("ops.cpp", "attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu")
+
+
+def _sources_dir() -> Path | None:
+    """Where the CUDA sources are: shipped in the package (a wheel), else the checkout's ``csrc/``."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if all((candidate / name).is_file() for name in SOURCES):
+            return candidate
+    return None
+
+
+SOURCES_DIR = _sources_dir()
 DEFAULT_ARCHS = "8.0;9.0a"
-# One build directory per source checkout: two checkouts sharing a name would rebuild over each other.
-EXTENSION_NAME = "perceiver_kernels_cuda_" + hashlib.sha1(str(SOURCES_DIR).encode()).hexdigest()[:8]
+
+
+def extension_name() -> str:
+    """The JIT build's name, one per sources folder: torch's cache rebuilds whenever a build's source paths
+    change, so two installs sharing a name would rebuild over each other."""
+    return "perceiver_kernels_cuda_" + hashlib.sha1(str(SOURCES_DIR).encode()).hexdigest()[:8]
+
+
+def prebuilt() -> str | None:
+    """The prebuilt ``_C``'s path, if this install has one (found without importing it)."""
+    spec = importlib.util.find_spec("perceiver_kernels._C")
+    return None if spec is None else spec.origin
+
+
+def availability() -> str:
+    """Which of the three ways this install has, in words (``perceiver-kernels info``)."""
+    path = prebuilt()
+    if path is not None:
+        return f"prebuilt ({path})"
+    if SOURCES_DIR is not None:
+        return f"not prebuilt; built on first use (with a CUDA toolkit) from its sources in {SOURCES_DIR}"
+    return "not prebuilt, and its sources are not installed: backend='cuda' cannot be built here"
+
 
 _reason: str | None = None
 _loaded = False
@@ -70,8 +104,8 @@ def _load() -> str | None:
 
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build; the CUDA extension needs a CUDA build of torch"
-    if not all((SOURCES_DIR / name).is_file() for name in SOURCES):
-        return f"not built at install time, and its sources ({SOURCES_DIR}) are not there to build it"
+    if SOURCES_DIR is None:
+        return "not built at install time, and its sources are not installed to build it"
     cuda_home = find_cuda_home()
     if cuda_home is None:
         return "not built at install time, and no CUDA toolkit (nvcc) was found to build it; set CUDA_HOME"
@@ -138,7 +172,7 @@ def build() -> None:
     if cuda_home is not None:
         cpp_extension.CUDA_HOME = cuda_home  # in case torch imported it earlier, with a wrong guess
     cpp_extension.load(
-        name=EXTENSION_NAME,
+        name=extension_name(),
         sources=[str(SOURCES_DIR / name) for name in SOURCES],
         extra_cflags=COMMON_FLAGS,
         extra_cuda_cflags=CUDA_FLAGS + arch_flags(),

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import configs
-from ..problem import AttentionProblem
+from ..problem import AttentionProblem, tracing
 from .arguments import op_arguments
 
 _launchers = None
@@ -42,7 +42,7 @@ def launchers():
 def triton_attention(problem: AttentionProblem) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of a described problem on the Triton kernels, differentiable."""
     args = op_arguments(problem)
-    if torch.compiler.is_compiling():
+    if tracing():
         return torch.ops.perceiver_kernels.triton_attention_fwd(*args)
     q, k, v = args[:3]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -1,6 +1,6 @@
 """Tile-config sweep of our Triton kernels on a GPU: how ``kernels/configs.py``'s defaults were chosen.
 
-Usage: ``python -m benchmarks.sweep --shapes io-encoder,io-large-input,ar-cross [--out DIR]``. Times
+Usage: ``python -m perceiver_kernels.bench.sweep --shapes io-encoder,io-large-input,ar-cross [--out DIR]``. Times
 the forward and the backward launchers directly (no autograd, no validation) for several block
 configs, split-KV settings and both dQ strategies, and writes ``DIR/sweep.json``.
 """

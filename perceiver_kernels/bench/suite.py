@@ -73,15 +73,21 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _git_revision() -> dict:
-    root = Path(__file__).resolve().parent.parent
+    """The checkout this package runs from, if it runs from one (an editable install); an installed
+    wheel has none (``sha`` "none"), and its version (``versions.perceiver_kernels``) says what it is."""
+    package = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
         try:
-            result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+            result = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return result.stdout.strip() if result.returncode == 0 else None
 
+    top = git("rev-parse", "--show-toplevel")
+    # Not a checkout of this project (e.g. site-packages inside some other repository): no revision.
+    if top is None or Path(top).resolve() / "perceiver_kernels" != package:
+        return {"sha": "none", "dirty": False}
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"sha": sha or "unknown", "dirty": bool(status)}

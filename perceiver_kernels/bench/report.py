@@ -2,7 +2,7 @@
 
 Works on a live result (``suite.run_suite``) or a saved one::
 
-    python -m benchmarks.report benchmarks/results/<run>/bench.json [--out DIR]
+    python -m perceiver_kernels.bench.report benchmarks/results/<run>/bench.json [--out DIR]
 
 prints the tables and, with ``--out``, writes ``bench.txt``, ``bench.md`` and the PNG plots there.
 
