@@ -1,8 +1,8 @@
 """Fused attention kernels for the Perceiver family (Perceiver, Perceiver IO, Perceiver AR)."""
 
 from .functional import BACKENDS, apply_rotary, attention, backend_unavailable_reason, resolve_backend
+from .integrations import PatchReport, patch, unpatch
 from .kv_cache import append_to_cache
-from .patching import PatchReport, patch, unpatch
 from .problem import set_value_checks, value_checks_enabled
 from .reference import attention_reference
 

@@ -17,3 +17,23 @@ def device() -> torch.device:
 def _seed(request):
     # Fresh inputs per test, yet reproducible from the test id when a failure must be replayed.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# The libraries pk.patch supports (tests/test_patch_*.py): skipped with the reason when not installed.
+@pytest.fixture
+def hf():
+    return pytest.importorskip("transformers", reason="transformers is not installed (pip install .[integrations])")
+
+
+@pytest.fixture
+def perceiver_pytorch():
+    return pytest.importorskip(
+        "perceiver_pytorch", reason="perceiver-pytorch is not installed (pip install .[integrations])"
+    )
+
+
+@pytest.fixture
+def perceiver_ar():
+    return pytest.importorskip(
+        "perceiver_ar_pytorch", reason="perceiver-ar-pytorch is not installed (pip install .[integrations])"
+    )
