@@ -296,13 +296,13 @@ def test_kv_cache_decoding_equals_full_forward(backend, device):
     x, pad_mask = left_padded_prompt(cfg.vocab_size, 3, 7, pads=[0, 2, 5])
     x, pad_mask = x.to(device), pad_mask.to(device)
     prefix_len = 5
-    hidden, cache = model.perceiver_ar.prefill(x, prefix_len, cfg.max_latents, cfg.max_seq_len, pad_mask)
+    hidden, cache = model.prefill(x, prefix_len, cfg.max_latents, cfg.max_seq_len, pad_mask)
     torch.testing.assert_close(model.logits(hidden), model(x, prefix_len, pad_mask), rtol=1e-5, atol=1e-5)
     seq = x
     slid = False
     for _ in range(steps):
         token = torch.randint(0, cfg.vocab_size, (3, 1), device=device)
-        hidden = model.perceiver_ar.step(token, cache)
+        hidden = model.step(token, cache)
         seq = torch.cat([seq, token], dim=1)
         pad_mask = torch.cat([pad_mask, torch.zeros_like(token, dtype=torch.bool)], dim=1)
         if seq.shape[1] - prefix_len > cfg.max_latents:
@@ -331,10 +331,10 @@ def test_generate_cache_matches_no_cache_past_max_seq_len():
 def test_prefix_dropout_drops_exactly_and_keeps_positions(monkeypatch):
     cfg = tiny_ar_config(cross_attention_dropout=0.5, max_latents=4)
     model = CausalSequenceModel(cfg, backend="reference").train()
-    rows = model.perceiver_ar._kept_prefix_rows(3, 9, torch.device("cpu"))
+    rows = model._kept_prefix_rows(3, 9, torch.device("cpu"))
     assert rows.shape == (3, 9 - 4) and (rows.diff(dim=1) > 0).all() and rows.max() < 9
     kept = torch.tensor([[0, 2, 5, 7, 8]] * 2)
-    monkeypatch.setattr(model.perceiver_ar, "_kept_prefix_rows", lambda *args: kept)
+    monkeypatch.setattr(model, "_kept_prefix_rows", lambda *args: kept)
     x = torch.randint(0, cfg.vocab_size, (2, 13))
     out = model(x, prefix_len=9)
     changed = x.clone()
@@ -343,7 +343,7 @@ def test_prefix_dropout_drops_exactly_and_keeps_positions(monkeypatch):
     changed[:, 2] = (changed[:, 2] + 1) % cfg.vocab_size  # a kept one
     assert not torch.allclose(model(changed, prefix_len=9), out)
     # Keeping every row is the plain forward.
-    monkeypatch.setattr(model.perceiver_ar, "_kept_prefix_rows", lambda *args: torch.arange(9).expand(2, -1))
+    monkeypatch.setattr(model, "_kept_prefix_rows", lambda *args: torch.arange(9).expand(2, -1))
     torch.testing.assert_close(model(x, prefix_len=9), model.eval()(x, prefix_len=9))
 
 
@@ -357,7 +357,7 @@ def test_ar_validation():
     with pytest.raises(ValueError, match="pad_mask"):
         model(x, pad_mask=torch.zeros(2, 9, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="eval"):
-        model.train().perceiver_ar.prefill(x, 6, 6, 20)
+        model.train().prefill(x, 6, 6, 20)
     with pytest.raises(ValueError, match="num_latents"):
         model.generate(x, 2, num_latents=7)
     for bad, name in ((dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"), (dict(temperature=0.0), "temperature")):
@@ -374,13 +374,13 @@ def test_kv_cache_decoding_under_autocast():
     model = CausalSequenceModel(cfg, backend="reference").eval()
     x = torch.randint(0, cfg.vocab_size, (2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden, cache = model.perceiver_ar.prefill(x, 4, cfg.max_latents, cfg.max_seq_len)
+        hidden, cache = model.prefill(x, 4, cfg.max_latents, cfg.max_seq_len)
         for _ in range(4):  # through the slide
             token = torch.randint(0, cfg.vocab_size, (2, 1))
-            hidden = model.perceiver_ar.step(token, cache)
+            hidden = model.step(token, cache)
             x = torch.cat([x, token], dim=1)
         full = model(x, cache.prefix_len)[:, -1:]
         assert cache.cross_k.dtype == torch.bfloat16
         torch.testing.assert_close(model.logits(hidden).float(), full.float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="autocast"):
-        model.perceiver_ar.step(token, cache)
+        model.step(token, cache)

@@ -14,7 +14,7 @@ def test_models_backend_is_set_and_restored():
         vocab_size=30, max_seq_len=16, max_latents=8, num_channels=32, num_heads=4, num_self_attention_layers=2
     )
     model = models.CausalSequenceModel(cfg, backend="auto")
-    model.perceiver_ar.self_attention[1][0].module.attention.backend = "reference"  # one differs before patching
+    model.self_attention[1][0].module.attention.backend = "reference"  # one differs before patching
     report = patch(model, backend="triton")
     attentions = [m for m in model.modules() if isinstance(m, models.MultiHeadAttention)]
     assert len(report.patched) == len(attentions) == 3 and not report.left

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..rotary import inverse_frequencies
+
+ROTARY_BASE = 10000.0  # perceiver-io's, fixed
+
 
 class InputAdapter(nn.Module):
     """Turns task input into the encoder's ``(B, M, num_input_channels)`` key/value input."""
@@ -23,11 +27,35 @@ class InputAdapter(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
 
+class FrequencyPositionEncoding(nn.Module):
+    """perceiver-io's ``inv_freq`` buffer (``(dim / 2,)`` float32, ``1 / 10000 ** (2i / dim)``), kept so that
+    perceiver-io checkpoints load strictly and ours load into perceiver-io. The kernels compute the same
+    frequencies themselves (``rotary.inverse_frequencies``), so a loaded buffer must hold exactly these
+    values: anything else is refused rather than silently ignored."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", inverse_frequencies(dim, ROTARY_BASE, "cpu"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        loaded = state_dict.get(prefix + "inv_freq")
+        if isinstance(loaded, Tensor) and loaded.shape == self.inv_freq.shape:
+            expected = inverse_frequencies(2 * loaded.numel(), ROTARY_BASE, "cpu")
+            # A checkpoint saved in half precision holds rounded values; compare at its precision.
+            if not torch.allclose(loaded.float().cpu(), expected, rtol=2 * torch.finfo(loaded.dtype).eps, atol=0):
+                raise ValueError(
+                    f"{prefix}inv_freq holds other rotary frequencies than 1 / {ROTARY_BASE:g} ** (2i / dim), the only "
+                    "ones the kernels compute"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class RotarySupport(InputAdapter):
     """An input adapter for Perceiver AR: it also tells how many channels of every head rotate.
 
     perceiver-io's mixin returns a frequency encoding alongside the input; here the model passes integer
     positions to the kernels, which build the angles themselves, so only the channel count is needed.
+    ``frq_pos_encoding`` holds perceiver-io's buffer of the same frequencies (for checkpoints).
     """
 
     def __init__(self, rotated_channels_per_head: int, *args, **kwargs):
@@ -35,6 +63,7 @@ class RotarySupport(InputAdapter):
         if rotated_channels_per_head < 0 or rotated_channels_per_head % 2:
             raise ValueError(f"rotated_channels_per_head must be even and >= 0, got {rotated_channels_per_head}")
         self.rotated_channels_per_head = rotated_channels_per_head
+        self.frq_pos_encoding = FrequencyPositionEncoding(rotated_channels_per_head)
 
 
 class TokenInputAdapter(RotarySupport):

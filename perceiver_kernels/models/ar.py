@@ -325,9 +325,11 @@ class CausalSequenceModelConfig:
     activation_checkpointing: bool = False
 
 
-class CausalSequenceModel(nn.Module):
+class CausalSequenceModel(PerceiverAR):
     """A Perceiver AR language model: token (+ absolute position) embedding, :class:`PerceiverAR`, optional
-    output LayerNorm, logits tied to the token embedding.
+    output LayerNorm, logits tied to the token embedding. A :class:`PerceiverAR` itself, as in perceiver-io,
+    so that its state dict has perceiver-io's keys (``input_adapter.*``, ``cross_attention.*``,
+    ``self_attention.*``, ``out_norm.*``, ``output_adapter.*``) and its checkpoints load as they are.
 
     Rotary embeddings rotate ``C / H`` channels of every head, half of that when absolute position
     embeddings are used too (perceiver-io's choice). ``forward(x (B, n), prefix_len=None, pad_mask=None)
@@ -335,18 +337,16 @@ class CausalSequenceModel(nn.Module):
     """
 
     def __init__(self, config: CausalSequenceModelConfig, backend: str = "auto"):
-        super().__init__()
         if not 0 < config.max_latents <= config.max_seq_len:
             raise ValueError(f"max_latents={config.max_latents} must be in [1, max_seq_len={config.max_seq_len}]")
-        self.config = config
         head_dim = config.num_channels // config.num_heads
         rotated = head_dim // 2 if config.abs_pos_emb else head_dim
-        self.input_adapter = TokenInputAdapter(
+        input_adapter = TokenInputAdapter(
             config.vocab_size, config.max_seq_len, config.num_channels, abs_pos_emb=config.abs_pos_emb,
             rotated_channels_per_head=rotated - rotated % 2,
         )  # fmt: skip
-        self.perceiver_ar = PerceiverAR(
-            self.input_adapter, num_heads=config.num_heads, num_self_attention_layers=config.num_self_attention_layers,
+        super().__init__(
+            input_adapter, num_heads=config.num_heads, num_self_attention_layers=config.num_self_attention_layers,
             num_self_attention_rotary_layers=config.num_self_attention_rotary_layers,
             self_attention_widening_factor=config.self_attention_widening_factor,
             cross_attention_widening_factor=config.cross_attention_widening_factor,
@@ -354,6 +354,7 @@ class CausalSequenceModel(nn.Module):
             post_attention_dropout=config.post_attention_dropout, residual_dropout=config.residual_dropout,
             init_scale=config.init_scale, activation_checkpointing=config.activation_checkpointing, backend=backend,
         )  # fmt: skip
+        self.config = config
         self.out_norm = nn.LayerNorm(config.num_channels) if config.output_norm else None
         self.output_adapter = TiedTokenOutputAdapter(config.vocab_size, emb_bias=config.output_bias)
 
@@ -373,7 +374,7 @@ class CausalSequenceModel(nn.Module):
             raise ValueError(
                 f"n - prefix_len = {x.shape[1] - prefix_len} latents exceed max_latents={self.config.max_latents}"
             )
-        return self.logits(self.perceiver_ar(x, prefix_len, pad_mask=pad_mask))
+        return self.logits(super().forward(x, prefix_len, pad_mask=pad_mask))
 
     @torch.no_grad()
     def generate(
@@ -425,14 +426,14 @@ class CausalSequenceModel(nn.Module):
         cache = None
         for _ in range(max_new_tokens):
             if use_cache and cache is None:
-                hidden, cache = self.perceiver_ar.prefill(
+                hidden, cache = self.prefill(
                     window, prefix_len, self.config.max_latents, self.config.max_seq_len, window_pad
                 )
                 hidden = hidden[:, -1:]
             elif use_cache:
-                hidden = self.perceiver_ar.step(window[:, -1:], cache)
+                hidden = self.step(window[:, -1:], cache)
             else:
-                hidden = self.perceiver_ar(window, prefix_len, pad_mask=window_pad)[:, -1:]
+                hidden = PerceiverAR.forward(self, window, prefix_len, pad_mask=window_pad)[:, -1:]
             token = self._next_token(self.logits(hidden)[:, -1], *sampling)
             generated.append(token)
             window = torch.cat([window, token], dim=1)

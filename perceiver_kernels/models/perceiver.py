@@ -183,13 +183,20 @@ class PerceiverDecoder(nn.Module):
         return self.output_adapter(output, **kwargs)
 
 
-class PerceiverIO(nn.Module):
-    """``decoder(encoder(x, pad_mask))``."""
+class PerceiverIO(nn.Sequential):
+    """``decoder(encoder(x, pad_mask))``. A ``Sequential`` of the two, as in perceiver-io, so that the
+    state dicts share their keys (``0.*`` the encoder, ``1.*`` the decoder)."""
 
     def __init__(self, encoder: PerceiverEncoder, decoder: PerceiverDecoder):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
+        super().__init__(encoder, decoder)
+
+    @property
+    def encoder(self) -> PerceiverEncoder:
+        return self[0]
+
+    @property
+    def decoder(self) -> PerceiverDecoder:
+        return self[1]
 
     def forward(self, x, pad_mask: Tensor | None = None, **kwargs):
         return self.decoder(self.encoder(x, pad_mask=pad_mask), **kwargs)
