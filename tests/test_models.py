@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -11,8 +13,11 @@ from perceiver_kernels.models import (
     CausalSequenceModel,
     CausalSequenceModelConfig,
     ClassificationOutputAdapter,
+    DecoderConfig,
+    EncoderConfig,
     InputAdapter,
     MultiHeadAttention,
+    PerceiverARConfig,
     PerceiverDecoder,
     PerceiverEncoder,
     PerceiverIO,
@@ -60,6 +65,60 @@ def tiny_ar_config(**overrides) -> CausalSequenceModelConfig:
     )  # fmt: skip
     fields.update(overrides)
     return CausalSequenceModelConfig(**fields)
+
+
+# -- configurations ------------------------------------------------------------------------------------
+
+
+def test_a_config_describes_the_model():
+    """Keywords and a config build the same model; the config is kept, printed, compared, saved and rebuilt;
+    keywords override a config's fields; an unknown one is a TypeError naming it."""
+    config = EncoderConfig(
+        num_cross_attention_heads=2, num_self_attention_heads=2, num_self_attention_layers_per_block=2,
+        num_self_attention_blocks=3, first_self_attention_block_shared=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    from_config = PerceiverEncoder(LinearInputAdapter(6, 12), 5, 16, config, backend="reference")
+    torch.manual_seed(0)
+    from_keywords = PerceiverEncoder(
+        LinearInputAdapter(6, 12), 5, 16, backend="reference", **dataclasses.asdict(config)
+    )
+    assert from_keywords.config == from_config.config == config
+    state = from_config.state_dict()
+    assert all(torch.equal(value, from_keywords.state_dict()[key]) for key, value in state.items())
+    assert EncoderConfig(**dataclasses.asdict(config)) == config  # saved as a dict, rebuilt
+    assert "num_self_attention_blocks=3" in repr(from_config.config)
+
+    overridden = PerceiverEncoder(LinearInputAdapter(6, 12), 5, 16, config, num_self_attention_blocks=2)
+    assert overridden.config == dataclasses.replace(config, num_self_attention_blocks=2)
+    assert overridden.num_self_attention_blocks == 2 and config.num_self_attention_blocks == 3
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'num_heads'"):
+        PerceiverEncoder(LinearInputAdapter(6, 12), 5, 16, num_heads=2)
+    with pytest.raises(TypeError, match="config must be a EncoderConfig, got DecoderConfig"):
+        PerceiverEncoder(LinearInputAdapter(6, 12), 5, 16, DecoderConfig())
+
+
+def test_run_time_switches_update_the_config():
+    """``shared_block_execution`` and ``activation_checkpointing`` can be switched on a built model (the
+    config follows); the sizes that built the modules cannot."""
+    encoder = make_encoder(num_self_attention_blocks=2)
+    encoder.shared_block_execution = False
+    encoder.activation_checkpointing = True
+    assert not encoder.config.shared_block_execution and encoder.config.activation_checkpointing
+    with pytest.raises(AttributeError):
+        encoder.num_self_attention_blocks = 3
+
+
+def test_ar_models_take_their_config():
+    config = tiny_ar_config()
+    model = CausalSequenceModel(config, backend="reference")
+    assert model.config is config and isinstance(config, PerceiverARConfig)
+    assert model.num_heads == 4 and len(model.self_attention) == config.num_self_attention_layers
+    decoder = PerceiverDecoder(
+        ClassificationOutputAdapter(num_classes=7, num_output_query_channels=10),
+        TrainableQueryProvider(num_queries=1, num_query_channels=10), 16, DecoderConfig(num_cross_attention_heads=2),
+    )  # fmt: skip
+    assert decoder.config.num_cross_attention_heads == 2
 
 
 # -- parameter counts: formulas written out by hand -------------------------------------------------

@@ -11,8 +11,9 @@ from .adapters import (
     TokenInputAdapter,
     TrainableQueryProvider,
 )
-from .ar import CausalSequenceModel, CausalSequenceModelConfig, PerceiverAR, PerceiverARCache, sequence_positions
+from .ar import CausalSequenceModel, PerceiverAR, PerceiverARCache, sequence_positions
 from .attention import CrossAttention, MultiHeadAttention, RotaryPositions, SelfAttention
+from .config import CausalSequenceModelConfig, DecoderConfig, EncoderConfig, PerceiverARConfig
 from .layers import MLP, CrossAttentionLayer, Residual, SelfAttentionBlock, SelfAttentionLayer
 from .perceiver import PerceiverDecoder, PerceiverEncoder, PerceiverIO
 from .shared import run_shared_chain
@@ -24,11 +25,14 @@ __all__ = [
     "ClassificationOutputAdapter",
     "CrossAttention",
     "CrossAttentionLayer",
+    "DecoderConfig",
+    "EncoderConfig",
     "InputAdapter",
     "MultiHeadAttention",
     "OutputAdapter",
     "PerceiverAR",
     "PerceiverARCache",
+    "PerceiverARConfig",
     "PerceiverDecoder",
     "PerceiverEncoder",
     "PerceiverIO",

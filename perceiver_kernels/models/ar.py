@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..functional import check_backend
 from .adapters import RotarySupport, TiedTokenOutputAdapter, TokenInputAdapter
 from .attention import RotaryPositions
+from .config import CausalSequenceModelConfig, PerceiverARConfig, config_field, resolve
 from .layers import CrossAttentionLayer, SelfAttentionBlock, init_parameters, maybe_checkpoint
 
 
@@ -83,6 +84,8 @@ class PerceiverAR(nn.Module):
 
     Args:
         input_adapter: embeds tokens ``(B, n) -> (B, n, C)`` and says how many channels of every head rotate.
+        config: a :class:`PerceiverARConfig` (kept as ``self.config``) with the fields below, each of which
+            may also be given as a keyword (it overrides ``config``'s):
         num_heads: heads of every attention (head dim ``C / num_heads``).
         num_self_attention_layers: causal self-attention layers over the latents.
         num_self_attention_rotary_layers: how many of them (from the first) use rotary; -1: all.
@@ -100,20 +103,14 @@ class PerceiverAR(nn.Module):
     def __init__(
         self,
         input_adapter: RotarySupport,
-        num_heads: int = 8,
-        num_self_attention_layers: int = 6,
-        num_self_attention_rotary_layers: int = 1,
-        self_attention_widening_factor: int = 4,
-        cross_attention_widening_factor: int = 4,
-        cross_attention_dropout: float = 0.5,
-        post_attention_dropout: float = 0.0,
-        residual_dropout: float = 0.0,
-        init_scale: float = 0.02,
-        activation_checkpointing: bool = False,
+        config: PerceiverARConfig | None = None,
+        *,
         backend: str = "auto",
+        **options,
     ):
         super().__init__()
-        channels = input_adapter.num_input_channels
+        config = resolve(PerceiverARConfig, config, options)
+        channels, num_heads = input_adapter.num_input_channels, config.num_heads
         if channels % num_heads:
             raise ValueError(f"num_input_channels={channels} must be a multiple of num_heads={num_heads}")
         if input_adapter.rotated_channels_per_head > channels // num_heads:
@@ -121,25 +118,30 @@ class PerceiverAR(nn.Module):
                 f"rotated_channels_per_head={input_adapter.rotated_channels_per_head} exceeds the head dim "
                 f"{channels // num_heads}"
             )
-        if not 0.0 <= cross_attention_dropout < 1.0:
-            raise ValueError(f"cross_attention_dropout must be in [0, 1), got {cross_attention_dropout}")
+        if not 0.0 <= config.cross_attention_dropout < 1.0:
+            raise ValueError(f"cross_attention_dropout must be in [0, 1), got {config.cross_attention_dropout}")
         check_backend(backend)
+        self.config = config
         self.input_adapter = input_adapter
-        self.num_heads = num_heads
-        self.cross_attention_dropout = cross_attention_dropout
-        self.activation_checkpointing = activation_checkpointing
+        shared = dict(
+            causal_attention=True, dropout=config.post_attention_dropout, residual_dropout=config.residual_dropout,
+            qkv_bias=False, mlp_bias=False, backend=backend,
+        )  # fmt: skip
         self.cross_attention = CrossAttentionLayer(
-            num_heads, channels, channels, causal_attention=True, widening_factor=cross_attention_widening_factor,
-            dropout=post_attention_dropout, residual_dropout=residual_dropout, qkv_bias=False, out_bias=True,
-            mlp_bias=False, backend=backend,
+            num_heads, channels, channels, widening_factor=config.cross_attention_widening_factor, out_bias=True,
+            **shared,
         )  # fmt: skip
         self.self_attention = SelfAttentionBlock(
-            num_self_attention_layers, num_heads, channels, num_rotary_layers=num_self_attention_rotary_layers,
-            causal_attention=True, widening_factor=self_attention_widening_factor, dropout=post_attention_dropout,
-            residual_dropout=residual_dropout, activation_checkpointing=activation_checkpointing, qkv_bias=False,
-            out_bias=False, mlp_bias=False, backend=backend,
+            config.num_self_attention_layers, num_heads, channels,
+            num_rotary_layers=config.num_self_attention_rotary_layers,
+            widening_factor=config.self_attention_widening_factor,
+            activation_checkpointing=config.activation_checkpointing, out_bias=False, **shared,
         )  # fmt: skip
-        init_parameters(self, init_scale)
+        init_parameters(self, config.init_scale)
+
+    num_heads = config_field("num_heads")
+    cross_attention_dropout = config_field("cross_attention_dropout")
+    activation_checkpointing = config_field("activation_checkpointing", settable=True)
 
     @property
     def rotary_dim(self) -> int:
@@ -302,29 +304,6 @@ class PerceiverAR(nn.Module):
         return h
 
 
-@dataclass
-class CausalSequenceModelConfig:
-    """perceiver-io's ``CausalSequenceModelConfig`` vocabulary (defaults: its small text model)."""
-
-    vocab_size: int = 262
-    max_seq_len: int = 4096
-    max_latents: int = 512
-    num_channels: int = 512
-    num_heads: int = 8
-    num_self_attention_layers: int = 8
-    num_self_attention_rotary_layers: int = 1
-    self_attention_widening_factor: int = 4
-    cross_attention_widening_factor: int = 4
-    cross_attention_dropout: float = 0.5
-    post_attention_dropout: float = 0.0
-    residual_dropout: float = 0.0
-    output_norm: bool = False
-    output_bias: bool = True
-    abs_pos_emb: bool = True
-    init_scale: float = 0.02
-    activation_checkpointing: bool = False
-
-
 class CausalSequenceModel(PerceiverAR):
     """A Perceiver AR language model: token (+ absolute position) embedding, :class:`PerceiverAR`, optional
     output LayerNorm, logits tied to the token embedding. A :class:`PerceiverAR` itself, as in perceiver-io,
@@ -345,16 +324,7 @@ class CausalSequenceModel(PerceiverAR):
             config.vocab_size, config.max_seq_len, config.num_channels, abs_pos_emb=config.abs_pos_emb,
             rotated_channels_per_head=rotated - rotated % 2,
         )  # fmt: skip
-        super().__init__(
-            input_adapter, num_heads=config.num_heads, num_self_attention_layers=config.num_self_attention_layers,
-            num_self_attention_rotary_layers=config.num_self_attention_rotary_layers,
-            self_attention_widening_factor=config.self_attention_widening_factor,
-            cross_attention_widening_factor=config.cross_attention_widening_factor,
-            cross_attention_dropout=config.cross_attention_dropout,
-            post_attention_dropout=config.post_attention_dropout, residual_dropout=config.residual_dropout,
-            init_scale=config.init_scale, activation_checkpointing=config.activation_checkpointing, backend=backend,
-        )  # fmt: skip
-        self.config = config
+        super().__init__(input_adapter, config, backend=backend)
         self.out_norm = nn.LayerNorm(config.num_channels) if config.output_norm else None
         self.output_adapter = TiedTokenOutputAdapter(config.vocab_size, emb_bias=config.output_bias)
 

@@ -133,34 +133,17 @@ class SelfAttentionBlock(nn.Sequential):
         num_qk_channels: int | None = None,
         num_v_channels: int | None = None,
         num_rotary_layers: int = 1,
-        causal_attention: bool = False,
-        widening_factor: int = 1,
-        dropout: float = 0.0,
-        residual_dropout: float = 0.0,
         activation_checkpointing: bool = False,
-        qkv_bias: bool = True,
-        out_bias: bool = True,
-        mlp_bias: bool = True,
-        backend: str = "auto",
+        **layer_options,
     ):
+        """``layer_options``: :class:`SelfAttentionLayer`'s keywords (``causal_attention``,
+        ``widening_factor``, ``dropout``, ``residual_dropout``, ``qkv_bias``, ``out_bias``, ``mlp_bias``,
+        ``backend``), the same for every layer."""
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         super().__init__(
             *(
-                SelfAttentionLayer(
-                    num_heads,
-                    num_channels,
-                    num_qk_channels,
-                    num_v_channels,
-                    causal_attention=causal_attention,
-                    widening_factor=widening_factor,
-                    dropout=dropout,
-                    residual_dropout=residual_dropout,
-                    qkv_bias=qkv_bias,
-                    out_bias=out_bias,
-                    mlp_bias=mlp_bias,
-                    backend=backend,
-                )  # fmt: skip
+                SelfAttentionLayer(num_heads, num_channels, num_qk_channels, num_v_channels, **layer_options)
                 for _ in range(num_layers)
             )
         )

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..functional import check_backend
 from .adapters import InputAdapter, OutputAdapter, QueryProvider, TrainableQueryProvider
+from .config import DecoderConfig, EncoderConfig, config_field, resolve
 from .layers import CrossAttentionLayer, SelfAttentionBlock, init_parameters, maybe_checkpoint
 from .shared import run_shared_chain
 
@@ -24,15 +25,10 @@ class PerceiverEncoder(nn.Module):
     gradients are needed and a block repeats (``shared_block_execution``): activations of a repetition
     are recomputed in backward and each shared weight's gradient is one GEMM over all repetitions.
 
-    Args (perceiver-io's vocabulary): ``input_adapter``, ``num_latents`` (N), ``num_latent_channels``
-    (D), ``num_cross_attention_heads``, ``num_cross_attention_qk_channels``,
-    ``num_cross_attention_v_channels``, ``num_cross_attention_layers`` (P, ``0 < P <= L``),
-    ``first_cross_attention_layer_shared``, ``cross_attention_widening_factor``,
-    ``num_self_attention_heads``, ``num_self_attention_qk_channels``, ``num_self_attention_v_channels``,
-    ``num_self_attention_layers_per_block``, ``num_self_attention_blocks`` (L),
-    ``first_self_attention_block_shared``, ``self_attention_widening_factor``, ``dropout`` (attention
-    probabilities), ``residual_dropout``, ``init_scale``, ``activation_checkpointing``; plus
-    ``shared_block_execution`` and ``backend``.
+    Args: ``input_adapter``, ``num_latents`` (N), ``num_latent_channels`` (D), ``config``
+    (:class:`EncoderConfig`, perceiver-io's vocabulary; P = ``num_cross_attention_layers``, L =
+    ``num_self_attention_blocks``, ``0 < P <= L``), ``backend``; any field of the config may also be given as a
+    keyword (it overrides ``config``'s). The model keeps its configuration as ``self.config``.
 
     ``forward(x, pad_mask=None)``: ``x`` whatever the adapter takes, adapted to ``(B, M, C)``;
     ``pad_mask`` bool ``(B, M)``, True = padding. Returns the latents ``(B, N, D)``.
@@ -43,70 +39,58 @@ class PerceiverEncoder(nn.Module):
         input_adapter: InputAdapter,
         num_latents: int,
         num_latent_channels: int,
-        num_cross_attention_heads: int = 4,
-        num_cross_attention_qk_channels: int | None = None,
-        num_cross_attention_v_channels: int | None = None,
-        num_cross_attention_layers: int = 1,
-        first_cross_attention_layer_shared: bool = False,
-        cross_attention_widening_factor: int = 1,
-        num_self_attention_heads: int = 4,
-        num_self_attention_qk_channels: int | None = None,
-        num_self_attention_v_channels: int | None = None,
-        num_self_attention_layers_per_block: int = 6,
-        num_self_attention_blocks: int = 1,
-        first_self_attention_block_shared: bool = True,
-        self_attention_widening_factor: int = 1,
-        dropout: float = 0.0,
-        residual_dropout: float = 0.0,
-        init_scale: float = 0.02,
-        activation_checkpointing: bool = False,
-        shared_block_execution: bool = True,
+        config: EncoderConfig | None = None,
+        *,
         backend: str = "auto",
+        **options,
     ):
         super().__init__()
-        if not isinstance(num_cross_attention_layers, int) or num_cross_attention_layers <= 0:
-            raise ValueError(f"num_cross_attention_layers must be a positive int, got {num_cross_attention_layers!r}")
-        if not isinstance(num_self_attention_blocks, int) or num_self_attention_blocks <= 0:
-            raise ValueError(f"num_self_attention_blocks must be a positive int, got {num_self_attention_blocks!r}")
-        if num_cross_attention_layers > num_self_attention_blocks:
+        config = resolve(EncoderConfig, config, options)
+        cross_layers, blocks = config.num_cross_attention_layers, config.num_self_attention_blocks
+        if not isinstance(cross_layers, int) or cross_layers <= 0:
+            raise ValueError(f"num_cross_attention_layers must be a positive int, got {cross_layers!r}")
+        if not isinstance(blocks, int) or blocks <= 0:
+            raise ValueError(f"num_self_attention_blocks must be a positive int, got {blocks!r}")
+        if cross_layers > blocks:
             raise ValueError(
-                f"num_cross_attention_layers ({num_cross_attention_layers}) must be <= num_self_attention_blocks "
-                f"({num_self_attention_blocks}): each cross-attention is followed by a self-attention block"
+                f"num_cross_attention_layers ({cross_layers}) must be <= num_self_attention_blocks ({blocks}): "
+                "each cross-attention is followed by a self-attention block"
             )
         check_backend(backend)
+        self.config = config
         self.input_adapter = input_adapter
-        self.num_cross_attention_layers = num_cross_attention_layers
-        self.num_self_attention_blocks = num_self_attention_blocks
-        self.first_cross_attention_layer_shared = first_cross_attention_layer_shared
-        self.first_self_attention_block_shared = first_self_attention_block_shared
-        self.activation_checkpointing = activation_checkpointing
-        self.shared_block_execution = shared_block_execution
+        shared = dict(dropout=config.dropout, residual_dropout=config.residual_dropout, backend=backend)
 
         def cross_attn() -> CrossAttentionLayer:
             return CrossAttentionLayer(
-                num_cross_attention_heads, num_latent_channels, input_adapter.num_input_channels,
-                num_cross_attention_qk_channels, num_cross_attention_v_channels,
-                widening_factor=cross_attention_widening_factor, dropout=dropout,
-                residual_dropout=residual_dropout, backend=backend,
+                config.num_cross_attention_heads, num_latent_channels, input_adapter.num_input_channels,
+                config.num_cross_attention_qk_channels, config.num_cross_attention_v_channels,
+                widening_factor=config.cross_attention_widening_factor, **shared,
             )  # fmt: skip
 
         def self_attn() -> SelfAttentionBlock:
             return SelfAttentionBlock(
-                num_self_attention_layers_per_block, num_self_attention_heads, num_latent_channels,
-                num_self_attention_qk_channels, num_self_attention_v_channels,
-                widening_factor=self_attention_widening_factor, dropout=dropout,
-                residual_dropout=residual_dropout, activation_checkpointing=activation_checkpointing,
-                backend=backend,
+                config.num_self_attention_layers_per_block, config.num_self_attention_heads, num_latent_channels,
+                config.num_self_attention_qk_channels, config.num_self_attention_v_channels,
+                widening_factor=config.self_attention_widening_factor,
+                activation_checkpointing=config.activation_checkpointing, **shared,
             )  # fmt: skip
 
-        self.latent_provider = TrainableQueryProvider(num_latents, num_latent_channels, init_scale)
+        self.latent_provider = TrainableQueryProvider(num_latents, num_latent_channels, config.init_scale)
         self.cross_attn_1 = cross_attn()
         self.self_attn_1 = self_attn()
         if self.extra_cross_attention_layer:
             self.cross_attn_n = cross_attn()
         if self.extra_self_attention_block:
             self.self_attn_n = self_attn()
-        init_parameters(self, init_scale)
+        init_parameters(self, config.init_scale)
+
+    num_cross_attention_layers = config_field("num_cross_attention_layers")
+    num_self_attention_blocks = config_field("num_self_attention_blocks")
+    first_cross_attention_layer_shared = config_field("first_cross_attention_layer_shared")
+    first_self_attention_block_shared = config_field("first_self_attention_block_shared")
+    activation_checkpointing = config_field("activation_checkpointing", settable=True)
+    shared_block_execution = config_field("shared_block_execution", settable=True)
 
     @property
     def extra_cross_attention_layer(self) -> bool:
@@ -153,29 +137,28 @@ class PerceiverDecoder(nn.Module):
         output_adapter: OutputAdapter,
         output_query_provider: QueryProvider,
         num_latent_channels: int,
-        num_cross_attention_heads: int = 4,
-        num_cross_attention_qk_channels: int | None = None,
-        num_cross_attention_v_channels: int | None = None,
-        cross_attention_widening_factor: int = 1,
-        cross_attention_residual: bool = True,
-        dropout: float = 0.0,
-        residual_dropout: float = 0.0,
-        init_scale: float = 0.02,
-        activation_checkpointing: bool = False,
+        config: DecoderConfig | None = None,
+        *,
         backend: str = "auto",
+        **options,
     ):
         super().__init__()
+        config = resolve(DecoderConfig, config, options)
+        check_backend(backend)
+        self.config = config
         self.output_query_provider = output_query_provider
         self.output_adapter = output_adapter
-        self.activation_checkpointing = activation_checkpointing
         self.cross_attn = CrossAttentionLayer(
-            num_cross_attention_heads, output_query_provider.num_query_channels, num_latent_channels,
-            num_cross_attention_qk_channels, num_cross_attention_v_channels,
-            widening_factor=cross_attention_widening_factor, dropout=dropout, residual_dropout=residual_dropout,
-            attention_residual=cross_attention_residual, backend=backend,
+            config.num_cross_attention_heads, output_query_provider.num_query_channels, num_latent_channels,
+            config.num_cross_attention_qk_channels, config.num_cross_attention_v_channels,
+            widening_factor=config.cross_attention_widening_factor, dropout=config.dropout,
+            residual_dropout=config.residual_dropout, attention_residual=config.cross_attention_residual,
+            backend=backend,
         )  # fmt: skip
-        init_parameters(self.cross_attn, init_scale)
-        init_parameters(self.output_adapter, init_scale)
+        init_parameters(self.cross_attn, config.init_scale)
+        init_parameters(self.output_adapter, config.init_scale)
+
+    activation_checkpointing = config_field("activation_checkpointing", settable=True)
 
     def forward(self, x: Tensor, **kwargs):
         output_query = self.output_query_provider(x)
