@@ -1,0 +1,178 @@
+"""``sharded_attention``: attention over keys split across the ranks of a process group, exchanging only the
+small per-rank partials (out, lse), never the keys.
+
+Forward: every rank attends its local keys with the ordinary kernels (``pk.attention(..., return_lse=True)``),
+all-gathers the lse ``(B, H, Nq)`` and all-reduces its weighted partial output ``(B, Nq, H, Dv)`` in float32:
+``O(B x H x Nq x Dv)`` traffic per call, against ``O(Nk x D)`` for ring attention's K/V rotation.
+
+Backward, and the gradient convention. The merge's backward all-reduces (sums) the upstream ``[dO | dlse]``
+of all ranks, then backpropagates through the local attention: the local backward kernel sees the global
+out and lse, so its ``P`` and ``delta`` are exact. Each rank's dk/dv (and so the gradients of whatever made
+its keys: the key/value projections, the input adapter) are those of the summed upstream gradient; each
+rank's dq is its partial, and the partials sum to the full dq. With every rank computing the same loss on
+replicated latents (the model's usual layout), that makes plain gradient *averaging* over the data x
+context group (DDP, FSDP2) exact for every parameter: a replicated parameter's R rank gradients average to
+the full one, and a shard-local parameter's is R times its local share, which the average divides back.
+Outside such averaging, sum dq over the group (or scale dk/dv by 1/R) to get single-process gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..functional import attention
+from .merge import merge_weights
+
+# all_gather_single is the name from torch 2.14 on (all_gather_into_tensor warns there); the package supports 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather_into(output: Tensor, tensor: Tensor, group) -> None:
+    """All ranks' ``tensor`` concatenated along dim 0 into ``output``."""
+    _all_gather_single(output, tensor, group=group)
+
+
+def _world(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sharded_attention needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")  # fmt: skip
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _MergeAcrossRanks(torch.autograd.Function):
+    """``(out_r (B, Nq, H, Dv), lse_r (B, H, Nq))`` of this rank -> the merged ``(out, lse)`` of all ranks."""
+
+    @staticmethod
+    def forward(ctx, out_r: Tensor, lse_r: Tensor, group, *anchors: Tensor) -> tuple[Tensor, Tensor]:
+        # ``anchors`` (q, k, v) only tie the outputs into the graph: a rank whose shard is empty (or fully
+        # masked) has an out_r that depends on nothing, yet its backward must run, or the others' all-reduce
+        # waits for it forever.
+        world = dist.get_world_size(group)
+        lses = lse_r.new_empty((world * lse_r.shape[0], *lse_r.shape[1:]))  # ranks concatenated on dim 0
+        _all_gather_into(lses, lse_r.contiguous(), group)
+        lse, weights = merge_weights(lses.view(world, *lse_r.shape))
+        weight = weights[dist.get_rank(group)]  # (B, H, Nq)
+        acc = torch.promote_types(out_r.dtype, torch.float32)  # float32, float64 for float64 (verification)
+        out = weight.to(acc).transpose(1, 2).unsqueeze(-1) * out_r.to(acc)
+        dist.all_reduce(out, group=group)
+        ctx.save_for_backward(out_r, out, weight)
+        ctx.group, ctx.num_anchors = group, len(anchors)
+        # Nothing local depends on the inputs: their gradients are zeros (not None, which DDP would miss).
+        ctx.anchor_zeros = [] if out_r.requires_grad else [(a.shape, a.dtype, a.device) for a in anchors]
+        ctx.set_materialize_grads(False)
+        return out.to(out_r.dtype), lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
+        out_r, out, weight = ctx.saved_tensors
+        # The convention: every rank continues with the sum of all ranks' upstream gradients.
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype)
+        grad_lse = torch.zeros_like(weight) if grad_lse is None else grad_lse.to(weight.dtype)
+        flat = torch.cat((grad_out.reshape(-1), grad_lse.to(out.dtype).reshape(-1)))
+        dist.all_reduce(flat, group=ctx.group)
+        grad_out, grad_lse = flat[: out.numel()].view_as(out), flat[out.numel() :].view_as(weight).to(weight.dtype)
+        # out = sum_r w_r out_r with w_r = exp(lse_r - lse), lse = logsumexp_r lse_r:
+        #   d out_r = w_r dO,   d lse_r = w_r (dlse + <dO, out_r - out>)  (over Dv, per head and query).
+        w = weight.to(out.dtype).transpose(1, 2).unsqueeze(-1)  # (B, Nq, H, 1)
+        grad_out_r = (w * grad_out).to(out_r.dtype)
+        inner = (grad_out * (out_r.to(out.dtype) - out)).sum(dim=-1).transpose(1, 2).to(weight.dtype)  # (B, H, Nq)
+        grad_lse_r = weight * (grad_lse + inner)
+        anchors = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.anchor_zeros]
+        anchors = anchors or [None] * ctx.num_anchors
+        return grad_out_r, grad_lse_r, None, *anchors
+
+
+def sharded_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    kv_lengths: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    rotary_dim: int = 0,
+    q_positions: Tensor | None = None,
+    k_positions: Tensor | None = None,
+    rotary_base: float = 10000.0,
+    rotary_interleaved: bool = True,
+    kv_index: Tensor | None = None,
+    keys_before: int | None = None,
+    keys_after: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of the (replicated) queries over the keys of all ranks of ``group``.
+
+    Contract: on every rank, the result equals :func:`perceiver_kernels.attention` on the concatenation of all
+    ranks' keys (and values, padding masks, kept-row lists) in rank order. Every rank must call it, with the
+    same ``q`` and options; shards may differ in length and may be empty. Gradients follow the convention
+    in the module docstring (exact under DDP/FSDP2 averaging).
+
+    Args:
+        q: ``(Bq, Nq, H, Dqk)``, the same on every rank.
+        k, v: this rank's shard ``(B, Nk_r, H, Dqk)``, ``(B, Nk_r, H, Dv)``.
+        group: the process group (default: the world).
+        causal: bottom-right causal over the concatenated keys. The last ``Nq`` keys (the latents) must
+            sit on one rank, the last with keys (the tail plan); a shard that would need a shifted diagonal
+            raises.
+        key_padding_mask: this shard's bool ``(B, Nk_r)``. kv_lengths: this shard's valid rows
+            ``(B,)`` (not with ``causal``). kv_index: this shard's kept rows ``(B, Nk_r')`` (local indices).
+        rotary_dim, q_positions, k_positions, rotary_base, rotary_interleaved: as in ``pk.attention``, with
+            global positions: ``k_positions`` defaults to the keys' places in the concatenation and
+            ``q_positions`` to its last ``Nq`` places (with ``kv_index``, give both).
+        keys_before, keys_after: how many attended keys the ranks before and after this one hold (on the
+            kept axis with ``kv_index``). Needed only for ``causal`` or default rotary positions; when not
+            given they are all-gathered (a host synchronisation).
+        scale, backend, return_lse: as in ``pk.attention``.
+
+    Returns:
+        ``out (B, Nq, H, Dv)`` in q's dtype (and ``lse (B, H, Nq)`` float32), the same on every rank.
+    """
+    _world(group)
+    attended = k.shape[1] if kv_index is None else kv_index.shape[1]
+    if (causal or (rotary_dim and (q_positions is None or k_positions is None))) and (
+        keys_before is None or keys_after is None
+    ):
+        keys_before, keys_after = _neighbour_counts(attended, group, q.device)
+    num_queries = q.shape[1]
+    local_causal = False
+    if causal:
+        if kv_lengths is not None:
+            raise ValueError("sharded_attention: kv_lengths with causal is not supported (use key_padding_mask)")
+        if keys_after == 0:
+            local_causal = True  # the tail: its own bottom-right diagonal is the global one
+        elif keys_after < num_queries and attended > 0:
+            raise ValueError(
+                f"sharded_attention: causal needs the last Nq={num_queries} keys on one rank, but this rank's "
+                f"{attended} keys are followed by only {keys_after} (a shifted causal diagonal is not supported)"
+            )
+    if rotary_dim and (q_positions is None or k_positions is None):
+        if kv_index is not None:  # positions count original rows, the neighbour counts kept ones
+            raise ValueError("sharded_attention: rotary with kv_index needs explicit q_positions and k_positions")
+        total = keys_before + attended + keys_after
+        if k_positions is None:
+            k_positions = (torch.arange(attended, device=q.device) + keys_before)[None]
+        if q_positions is None:
+            q_positions = (torch.arange(num_queries, device=q.device) + (total - num_queries))[None]
+    out_r, lse_r = attention(
+        q, k, v, local_causal, key_padding_mask, kv_lengths, scale, backend, True, rotary_dim=rotary_dim,
+        q_positions=q_positions, k_positions=k_positions, rotary_base=rotary_base,
+        rotary_interleaved=rotary_interleaved, kv_index=kv_index,
+    )  # fmt: skip
+    out, lse = _MergeAcrossRanks.apply(out_r, lse_r, group, q, k, v)
+    return (out, lse) if return_lse else out
+
+
+def _neighbour_counts(attended: int, group, device: torch.device) -> tuple[int, int]:
+    """``(keys before this rank, keys after it)``, all-gathered (a host synchronisation)."""
+    rank, world = _world(group)
+    backend_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    mine = torch.tensor([attended], dtype=torch.int64, device=backend_device)
+    counts = mine.new_empty(world)
+    _all_gather_into(counts, mine, group)
+    counts = counts.tolist()
+    return sum(counts[:rank]), sum(counts[rank + 1 :])
