@@ -15,8 +15,8 @@ from torch import Tensor
 from .problem import causal_offset, tracing
 
 
-def inverse_frequencies(rotary_dim: int, base: float, device: torch.device | str) -> Tensor:
-    """float32 ``(rotary_dim / 2,)``."""
+def inverse_frequencies(rotary_dim: int, base: float, device: torch.device | str | None) -> Tensor:
+    """float32 ``(rotary_dim / 2,)`` on ``device`` (None: the default device)."""
     exponents = torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim
     return 1.0 / (base**exponents)
 

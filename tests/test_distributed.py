@@ -7,7 +7,7 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels.distributed import merge_attention, sharded_attention
-from perceiver_kernels.distributed.testing import check_sharded_attention, spawn
+from perceiver_kernels.distributed.testing import check_plan_error_on_every_rank, check_sharded_attention, spawn
 from perceiver_kernels.testing import compare
 
 
@@ -82,3 +82,7 @@ CASES = {
 def test_sharded_attention_equals_attention_on_all_keys(name, backend, dtype):
     case = dict(CASES[name], backend=backend, dtype=dtype)
     spawn(check_sharded_attention, len(case["lengths"]), case)
+
+
+def test_a_causal_plan_without_the_tail_on_one_rank_raises_on_every_rank():
+    spawn(check_plan_error_on_every_rank, 2, [6, 2], 4)

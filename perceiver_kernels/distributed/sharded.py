@@ -6,8 +6,9 @@ all-gathers the lse ``(B, H, Nq)`` and all-reduces its weighted partial output `
 ``O(B x H x Nq x Dv)`` traffic per call, against ``O(Nk x D)`` for ring attention's K/V rotation.
 
 Backward, and the gradient convention. The merge's backward all-reduces (sums) the upstream ``[dO | dlse]``
-of all ranks, then backpropagates through the local attention: the local backward kernel sees the global
-out and lse, so its ``P`` and ``delta`` are exact. Each rank's dk/dv (and so the gradients of whatever made
+of all ranks, then backpropagates through the local attention with ``d out_r = w_r dO`` and
+``d lse_r = w_r (dlse + <dO, out_r - out>)``: the local backward kernel then forms exactly the global
+``P`` and ``delta`` for its keys. Each rank's dk/dv (and so the gradients of whatever made
 its keys: the key/value projections, the input adapter) are those of the summed upstream gradient; each
 rank's dq is its partial, and the partials sum to the full dq. With every rank computing the same loss on
 replicated latents (the model's usual layout), that makes plain gradient *averaging* over the data x
@@ -126,7 +127,9 @@ def sharded_attention(
             ``q_positions`` to its last ``Nq`` places (with ``kv_index``, give both).
         keys_before, keys_after: how many attended keys the ranks before and after this one hold (on the
             kept axis with ``kv_index``). Needed only for ``causal`` or default rotary positions; when not
-            given they are all-gathered (a host synchronisation).
+            given they are all-gathered (a host synchronisation), and a causal layout that needs a shifted
+            diagonal raises on every rank. Given, they must come from one plan valid on all ranks: a rank
+            that raises alone leaves the others waiting in the collective.
         scale, backend, return_lse: as in ``pk.attention``.
 
     Returns:
@@ -134,22 +137,27 @@ def sharded_attention(
     """
     _world(group)
     attended = k.shape[1] if kv_index is None else kv_index.shape[1]
+    num_queries = q.shape[1]
+    if causal and kv_lengths is not None:
+        raise ValueError("sharded_attention: kv_lengths with causal is not supported (use key_padding_mask)")
+    counts = None
     if (causal or (rotary_dim and (q_positions is None or k_positions is None))) and (
         keys_before is None or keys_after is None
     ):
-        keys_before, keys_after = _neighbour_counts(attended, group, q.device)
-    num_queries = q.shape[1]
+        counts = _key_counts(attended, group, q.device)
+        rank = dist.get_rank(group)
+        keys_before, keys_after = sum(counts[:rank]), sum(counts[rank + 1 :])
     local_causal = False
     if causal:
-        if kv_lengths is not None:
-            raise ValueError("sharded_attention: kv_lengths with causal is not supported (use key_padding_mask)")
-        if keys_after == 0:
-            local_causal = True  # the tail: its own bottom-right diagonal is the global one
-        elif keys_after < num_queries and attended > 0:
-            raise ValueError(
-                f"sharded_attention: causal needs the last Nq={num_queries} keys on one rank, but this rank's "
-                f"{attended} keys are followed by only {keys_after} (a shifted causal diagonal is not supported)"
-            )
+        # Checked on the gathered counts, every rank raises alike (one rank leaving early would hang the rest).
+        for r, n in enumerate([attended] if counts is None else counts):
+            after = keys_after if counts is None else sum(counts[r + 1 :])
+            if n > 0 and 0 < after < num_queries:
+                raise ValueError(
+                    f"sharded_attention: causal needs the last Nq={num_queries} keys on one rank, but a shard of {n} "
+                    f"keys is followed by only {after} (a shifted causal diagonal is not supported)"
+                )
+        local_causal = keys_after == 0  # the tail: its own bottom-right diagonal is the global one
     if rotary_dim and (q_positions is None or k_positions is None):
         if kv_index is not None:  # positions count original rows, the neighbour counts kept ones
             raise ValueError("sharded_attention: rotary with kv_index needs explicit q_positions and k_positions")
@@ -167,12 +175,11 @@ def sharded_attention(
     return (out, lse) if return_lse else out
 
 
-def _neighbour_counts(attended: int, group, device: torch.device) -> tuple[int, int]:
-    """``(keys before this rank, keys after it)``, all-gathered (a host synchronisation)."""
-    rank, world = _world(group)
+def _key_counts(attended: int, group, device: torch.device) -> list[int]:
+    """Every rank's number of attended keys, all-gathered (a host synchronisation)."""
+    world = dist.get_world_size(group)
     backend_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     mine = torch.tensor([attended], dtype=torch.int64, device=backend_device)
     counts = mine.new_empty(world)
     _all_gather_into(counts, mine, group)
-    counts = counts.tolist()
-    return sum(counts[:rank]), sum(counts[rank + 1 :])
+    return counts.tolist()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,8 @@ def spawn(fn: Callable, world_size: int, *args) -> None:
 
 def _entry(rank: int, fn: Callable, world_size: int, init: str, args: tuple) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    # A bounded timeout: a rank that skips a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
     finally:
@@ -111,3 +113,19 @@ def check_sharded_attention(rank: int, world_size: int, case: dict) -> None:
         result = compare(actual, expected, dtype=dtype)
         if not result.ok:
             raise AssertionError(f"rank {rank}/{world_size}, {case}: {name} off by {result}")
+
+
+def check_plan_error_on_every_rank(rank: int, world_size: int, lengths: list[int], num_queries: int) -> None:
+    """A causal layout that needs a shifted diagonal (the tail split across ranks) raises the same error on
+    every rank, before any rank enters the merge's collectives (else the others would wait forever)."""
+    from .sharded import sharded_attention
+
+    q = torch.randn(1, num_queries, 1, 8)
+    k = v = torch.randn(1, lengths[rank], 1, 8)
+    try:
+        sharded_attention(q, k, v, causal=True, backend="reference")
+    except ValueError as error:
+        assert "a shifted causal diagonal is not supported" in str(error), error
+    else:
+        raise AssertionError(f"rank {rank}: no error for lengths {lengths}, Nq={num_queries}")
+    dist.barrier()  # every rank got here: none is stuck in a collective

@@ -35,11 +35,13 @@ class FrequencyPositionEncoding(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.register_buffer("inv_freq", inverse_frequencies(dim, ROTARY_BASE, "cpu"))
+        self.register_buffer("inv_freq", inverse_frequencies(dim, ROTARY_BASE, None))  # the default device
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         loaded = state_dict.get(prefix + "inv_freq")
         if isinstance(loaded, Tensor) and loaded.shape == self.inv_freq.shape:
+            if not loaded.is_floating_point():
+                raise ValueError(f"{prefix}inv_freq must be a floating-point tensor, got {loaded.dtype}")
             expected = inverse_frequencies(2 * loaded.numel(), ROTARY_BASE, "cpu")
             # A checkpoint saved in half precision holds rounded values; compare at its precision.
             if not torch.allclose(loaded.float().cpu(), expected, rtol=2 * torch.finfo(loaded.dtype).eps, atol=0):

@@ -141,7 +141,7 @@ class PerceiverAR(nn.Module):
 
     num_heads = config_field("num_heads")
     cross_attention_dropout = config_field("cross_attention_dropout")
-    activation_checkpointing = config_field("activation_checkpointing", settable=True)
+    activation_checkpointing = config_field("activation_checkpointing")
 
     @property
     def rotary_dim(self) -> int:

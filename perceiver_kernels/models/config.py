@@ -32,8 +32,8 @@ def resolve(config_type: type[C], config: C | None, options: dict[str, Any]) -> 
 
 
 def config_field(name: str, settable: bool = False) -> property:
-    """A model attribute that reads its configuration's field ``name``; ``settable`` for run-time switches
-    (setting it replaces ``model.config`` with the new value), not for sizes that built the modules."""
+    """A model attribute that reads its configuration's field ``name``; ``settable`` for run-time switches the
+    model itself reads at each call (setting it replaces ``model.config``), not for what built its modules."""
 
     def get(model):
         return getattr(model.config, name)

@@ -89,7 +89,7 @@ class PerceiverEncoder(nn.Module):
     num_self_attention_blocks = config_field("num_self_attention_blocks")
     first_cross_attention_layer_shared = config_field("first_cross_attention_layer_shared")
     first_self_attention_block_shared = config_field("first_self_attention_block_shared")
-    activation_checkpointing = config_field("activation_checkpointing", settable=True)
+    activation_checkpointing = config_field("activation_checkpointing")  # its blocks hold it too: fixed
     shared_block_execution = config_field("shared_block_execution", settable=True)
 
     @property
@@ -158,7 +158,7 @@ class PerceiverDecoder(nn.Module):
         init_parameters(self.cross_attn, config.init_scale)
         init_parameters(self.output_adapter, config.init_scale)
 
-    activation_checkpointing = config_field("activation_checkpointing", settable=True)
+    activation_checkpointing = config_field("activation_checkpointing")
 
     def forward(self, x: Tensor, **kwargs):
         output_query = self.output_query_provider(x)
@@ -177,9 +177,17 @@ class PerceiverIO(nn.Sequential):
     def encoder(self) -> PerceiverEncoder:
         return self[0]
 
+    @encoder.setter
+    def encoder(self, module: PerceiverEncoder) -> None:
+        self[0] = module
+
     @property
     def decoder(self) -> PerceiverDecoder:
         return self[1]
+
+    @decoder.setter
+    def decoder(self, module: PerceiverDecoder) -> None:
+        self[1] = module
 
     def forward(self, x, pad_mask: Tensor | None = None, **kwargs):
         return self.decoder(self.encoder(x, pad_mask=pad_mask), **kwargs)
