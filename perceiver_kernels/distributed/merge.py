@@ -5,7 +5,8 @@ log-sum-exp of scaled scores). Over the union of the keys, ``lse = log sum_r exp
 ``out = sum_r exp(lse_r - lse) * out_r``, computed in float32. A part that saw no key of a row has
 ``lse_r = -inf`` and weight 0; a row that no part saw keeps ``out = 0`` and ``lse = -inf``, never NaN
 (the guarded maximum below is the same as the Triton split-KV merge's, ``kernels/attention_fwd.py``
-``_merge_splits_kernel``; tests hold the two to each other).
+``_merge_splits_kernel``; both are tested against the reference: forced splits there, per-chunk partials
+here).
 """
 
 from __future__ import annotations
