@@ -1,13 +1,19 @@
-"""perceiver_kernels.distributed: the merge of partial attentions (one process), and sharded_attention against
-pk.attention on the whole problem, forward and every gradient, in gloo groups of 2 and 3 CPU processes
-(the workers live in perceiver_kernels/distributed/testing.py, where spawned processes can import them)."""
+"""perceiver_kernels.distributed: the merge of partial attentions and shard plans (one process); sharded_attention
+against pk.attention on the whole problem, forward and every gradient, in gloo groups of 2, 3 and 4 CPU
+processes; errors raised alike on every rank; models on a data x context mesh under DDP and FSDP2 (the workers
+live in perceiver_kernels/distributed/testing.py, where spawned processes can import them)."""
 
 import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels.distributed import merge_attention, sharded_attention
-from perceiver_kernels.distributed.testing import check_plan_error_on_every_rank, check_sharded_attention, spawn
+from perceiver_kernels.distributed import ShardPlan, merge_attention, shard_sequence, sharded_attention
+from perceiver_kernels.distributed.testing import (
+    check_errors_on_every_rank,
+    check_models_data_x_context,
+    check_sharded_attention,
+    spawn,
+)
 from perceiver_kernels.testing import compare
 
 
@@ -61,28 +67,94 @@ def test_merge_rejects_mismatched_parts():
         merge_attention(torch.zeros(2, 1, 3, 2, 4), torch.zeros(2, 1, 3, 2))
 
 
+@pytest.mark.parametrize(
+    "length, world, tail, sizes",
+    [
+        (10, 3, 0, (3, 3, 4)),  # even, the larger shares last
+        (10, 3, 4, (3, 3, 4)),  # the tail fits in the last share
+        (10, 3, 6, (2, 2, 6)),  # it does not: exactly the tail, the rest split evenly
+        (3, 4, 0, (0, 1, 1, 1)),  # more ranks than rows: an empty shard
+        (5, 2, 5, (0, 5)),  # all latents: the other rank holds nothing
+        (7, 1, 3, (7,)),
+    ],
+)
+def test_balanced_plans(length, world, tail, sizes):
+    plans = [ShardPlan.balanced(length, world, rank, tail=tail) for rank in range(world)]
+    assert all(plan.sizes == sizes for plan in plans)
+    assert [(plan.start, plan.stop) for plan in plans] == plans[0].bounds()
+    assert plans[-1].stop == length and plans[-1].sizes[-1] >= tail  # the tail on the last rank
+    x = torch.arange(length)[None]
+    assert torch.equal(torch.cat([plan.shard(x) for plan in plans], dim=1), x)
+    assert all(torch.equal(plan.positions(), plan.shard(x)) for plan in plans)
+    assert [plan.rows_before + plan.rows_after + plan.sizes[plan.rank] for plan in plans] == [length] * world
+
+
+def test_plan_validation():
+    for kwargs, message in [
+        (dict(length=-1, world_size=2, rank=0), "length must be"),
+        (dict(length=4, world_size=0, rank=0), "world_size must be"),
+        (dict(length=4, world_size=2, rank=2), "rank must be"),
+        (dict(length=4, world_size=2, rank=0, tail=5), "tail must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ShardPlan.balanced(**kwargs)
+    with pytest.raises(ValueError, match="the plan splits 4"):
+        ShardPlan.balanced(4, 2, 0).shard(torch.zeros(1, 5))
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        shard_sequence(torch.zeros(1, 5))
+
+
 def test_sharded_attention_needs_a_process_group():
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         sharded_attention(torch.zeros(1, 2, 1, 4), torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4))
 
 
+# Spawned gloo groups: one per world size, running all its cases (both backends) in turn, since starting the
+# processes costs more than most cases. A failure names its case.
 CASES = {
     "uneven": dict(lengths=[5, 11]),
-    "empty-rank": dict(lengths=[6, 0, 9], q_batch=1, dv=24),
     "causal-tail": dict(lengths=[7, 9], causal=True, nq=5, return_lse=True),
-    "causal-tail-3": dict(lengths=[4, 6, 9], causal=True, nq=6, padding=[0, 1, 2, 3, 5]),
     "padding-rotary": dict(lengths=[8, 8], causal=True, padding=[1, 2, 3], rotary_dim=8),
     "rotary-positions": dict(lengths=[3, 10], rotary_dim=8, positions="explicit", return_lse=True),
     "kv-index": dict(lengths=[9, 7], kv_index=True, q_batch=1),
+    "empty-rank": dict(lengths=[6, 0, 9], q_batch=1, dv=24),
+    "causal-tail-3": dict(lengths=[4, 6, 9], causal=True, nq=6, padding=[0, 1, 2, 3, 5]),
+    "causal-4-planned": dict(
+        lengths=[3, 0, 5, 8], causal=True, nq=6, q_batch=1, dqk=24, dv=8, padding=[2, 3, 9], rotary_dim=8, plan=True
+    ),  # fmt: skip
+    "kv-index-4": dict(lengths=[4, 6, 1, 5], kv_index=True, dv=12, heads=3, return_lse=True),
 }
+BACKENDS = [dict(backend="reference", dtype="float64"), dict(backend="triton", dtype="float32")]
 
 
-@pytest.mark.parametrize("backend, dtype", [("reference", "float64"), ("triton", "float32")])
-@pytest.mark.parametrize("name", list(CASES))
-def test_sharded_attention_equals_attention_on_all_keys(name, backend, dtype):
-    case = dict(CASES[name], backend=backend, dtype=dtype)
-    spawn(check_sharded_attention, len(case["lengths"]), case)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_sharded_attention_equals_attention_on_all_keys(world_size):
+    """Forward and every gradient against ``pk.attention`` on the whole problem, for every case whose shard
+    lengths fit this world size, on the reference (float64) and Triton (float32) backends."""
+    cases = [dict(case, name=name, **backend) for name, case in CASES.items() for backend in BACKENDS
+             if len(case["lengths"]) == world_size]  # fmt: skip
+    assert cases
+    spawn(check_sharded_attention, world_size, cases)
 
 
-def test_a_causal_plan_without_the_tail_on_one_rank_raises_on_every_rank():
-    spawn(check_plan_error_on_every_rank, 2, [6, 2], 4)
+def test_bad_layouts_raise_on_every_rank():
+    spawn(check_errors_on_every_rank, 2)
+
+
+MODEL_CASES = [
+    dict(model="io", wrap="ddp", backend="reference"),
+    dict(model="io", wrap="ddp", backend="reference", shared_block_execution=False, activation_checkpointing=True),
+    dict(model="io", wrap="fsdp", backend="reference", activation_checkpointing=True),
+    dict(model="io", wrap="fsdp", backend="reference", length=1),  # one context rank holds no input at all
+    dict(model="io", wrap="fsdp-bf16", backend="reference"),
+    dict(model="ar", wrap="ddp", backend="reference"),
+    dict(model="ar", wrap="fsdp", backend="reference", activation_checkpointing=True),
+    dict(model="ar", wrap="fsdp-bf16", backend="reference", length=13),
+    dict(model="ar", wrap="ddp", backend="triton", length=13),
+]
+
+
+def test_models_train_on_a_data_x_context_mesh():
+    """A PerceiverIO and a CausalSequenceModel step on a 2 x 2 (data x context) mesh under DDP and FSDP2: every
+    parameter's averaged gradient equals the single-process model's on the full batch and sequence."""
+    spawn(check_models_data_x_context, 4, MODEL_CASES)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..functional import attention
+from ..problem import value_checks_enabled
 from .merge import merge_weights
 
 # all_gather_single is the name from torch 2.14 on (all_gather_into_tensor warns there); the package supports 2.11.
@@ -39,7 +40,10 @@ def _world(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sharded_attention needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")  # fmt: skip
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("sharded_attention: group does not contain this process")
+    return rank, dist.get_world_size(group)
 
 
 class _MergeAcrossRanks(torch.autograd.Function):
@@ -126,26 +130,28 @@ def sharded_attention(
             global positions: ``k_positions`` defaults to the keys' places in the concatenation and
             ``q_positions`` to its last ``Nq`` places (with ``kv_index``, give both).
         keys_before, keys_after: how many attended keys the ranks before and after this one hold (on the
-            kept axis with ``kv_index``). Needed only for ``causal`` or default rotary positions; when not
-            given they are all-gathered (a host synchronisation), and a causal layout that needs a shifted
-            diagonal raises on every rank. Given, they must come from one plan valid on all ranks: a rank
-            that raises alone leaves the others waiting in the collective.
+            kept axis with ``kv_index``; a :class:`ShardPlan`'s ``rows_before`` / ``rows_after``). Needed only
+            for ``causal`` or default rotary positions. When not given they are all-gathered with a layout
+            check (a host synchronisation): head dims, dtypes and options that differ across ranks, or a
+            causal layout that needs a shifted diagonal, then raise on every rank alike. Given, they must come
+            from one plan valid on all ranks: a rank that raises alone leaves the others waiting in the
+            collective. Under value checks (:func:`~perceiver_kernels.set_value_checks`) the layout is always
+            exchanged and checked, with a checksum of ``q`` (which must be replicated).
         scale, backend, return_lse: as in ``pk.attention``.
 
     Returns:
         ``out (B, Nq, H, Dv)`` in q's dtype (and ``lse (B, H, Nq)`` float32), the same on every rank.
     """
-    _world(group)
+    rank, world = _world(group)
     attended = k.shape[1] if kv_index is None else kv_index.shape[1]
     num_queries = q.shape[1]
     if causal and kv_lengths is not None:
         raise ValueError("sharded_attention: kv_lengths with causal is not supported (use key_padding_mask)")
     counts = None
-    if (causal or (rotary_dim and (q_positions is None or k_positions is None))) and (
-        keys_before is None or keys_after is None
-    ):
-        counts = _key_counts(attended, group, q.device)
-        rank = dist.get_rank(group)
+    need_counts = causal or (rotary_dim and (q_positions is None or k_positions is None))
+    if (need_counts and (keys_before is None or keys_after is None)) or value_checks_enabled():
+        layout = (bool(causal), scale, rotary_dim, rotary_base, bool(rotary_interleaved))
+        counts = _exchange_layout(q, k, v, attended, layout, group)
         keys_before, keys_after = sum(counts[:rank]), sum(counts[rank + 1 :])
     local_causal = False
     if causal:
@@ -175,11 +181,48 @@ def sharded_attention(
     return (out, lse) if return_lse else out
 
 
-def _key_counts(attended: int, group, device: torch.device) -> list[int]:
-    """Every rank's number of attended keys, all-gathered (a host synchronisation)."""
+# What every rank must pass alike, in one float64 vector (exact for ints below 2**53): the query's shape,
+# the head dims, the dtypes and the options; ``[0]`` is the rank's own key count, ``[-2:]`` q's checksum.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _exchange_layout(q: Tensor, k: Tensor, v: Tensor, attended: int, options: tuple, group) -> list[int]:
+    """All-gather every rank's key count with what must agree across ranks, and raise on every rank alike when
+    something differs (one rank raising alone would leave the others waiting in the merge's collectives).
+    Under value checks (:func:`~perceiver_kernels.set_value_checks`) q's values are compared too, by a
+    checksum. One small all-gather and a host synchronisation; the key counts it returns, in rank order."""
+    causal, scale, rotary_dim, rotary_base, interleaved = options
+    dtype_code = lambda t: _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1  # noqa: E731
+    fields = [
+        attended, *q.shape, k.shape[-1], v.shape[-1], dtype_code(q), dtype_code(k), dtype_code(v),
+        causal, -1.0 if scale is None else scale, rotary_dim, rotary_base, interleaved,
+    ]  # fmt: skip
+    names = ["keys", "q batch", "Nq", "heads", "Dqk", "Dqk of k", "Dv", "q dtype", "k dtype", "v dtype", "causal",
+             "scale", "rotary_dim", "rotary_base", "rotary_interleaved"]  # fmt: skip
+    checksum = [0.0, 0.0]
+    if value_checks_enabled() and not q.is_meta:
+        q64 = q.detach().double()
+        checksum = [q64.sum().item(), q64.abs().sum().item()]
+    backend_device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    mine = torch.tensor(fields + checksum, dtype=torch.float64, device=backend_device)
     world = dist.get_world_size(group)
-    backend_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    mine = torch.tensor([attended], dtype=torch.int64, device=backend_device)
-    counts = mine.new_empty(world)
-    _all_gather_into(counts, mine, group)
-    return counts.tolist()
+    table = mine.new_empty(world * mine.numel())
+    _all_gather_into(table, mine, group)
+    table = table.view(world, -1).cpu()
+    for column, name in enumerate(names[1:], start=1):
+        values = table[:, column]
+        if not bool((values == values[0]).all()):
+            raise ValueError(f"sharded_attention: every rank must pass the same {name}; the ranks passed "
+                             f"{[_show(x, name) for x in values.tolist()]}")  # fmt: skip
+    sums, magnitudes = table[:, -2], table[:, -1]
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-6 * float(magnitudes.max()) + 1e-30,
+                          equal_nan=True):  # fmt: skip
+        raise ValueError(f"sharded_attention: q differs across ranks (checksums {sums.tolist()}); the queries must "
+                         "be replicated (the same latents on every rank of the group)")  # fmt: skip
+    return [int(n) for n in table[:, 0].tolist()]
+
+
+def _show(value: float, name: str):
+    if "dtype" in name:
+        return str(_DTYPES[int(value)]) if value >= 0 else "other"
+    return int(value) if float(value).is_integer() and name != "scale" else value

@@ -45,11 +45,16 @@ def _split(lengths: list[int], rank: int) -> slice:
     return slice(start, start + lengths[rank])
 
 
-def check_sharded_attention(rank: int, world_size: int, case: dict) -> None:
-    """``case``: ``lengths`` (keys per rank), ``backend``, ``dtype`` (name), and optionally ``batch``, ``q_batch``,
-    ``nq``, ``heads``, ``dqk``, ``dv``, ``causal``, ``padding`` (a list of global key indices padded in
-    sample 0), ``rotary_dim``, ``positions`` ("default" or "explicit"), ``kv_index`` (keep every other row),
-    ``return_lse``, ``seed``."""
+def check_sharded_attention(rank: int, world_size: int, cases: list[dict]) -> None:
+    """Each case: ``lengths`` (keys per rank), ``backend``, ``dtype`` (name), and optionally ``batch``,
+    ``q_batch``, ``nq``, ``heads``, ``dqk``, ``dv``, ``causal``, ``padding`` (a list of global key indices padded
+    in sample 0), ``rotary_dim``, ``positions`` ("default" or "explicit"), ``kv_index`` (keep every other row),
+    ``plan`` (pass ``keys_before``/``keys_after`` from the lengths: no exchange), ``return_lse``, ``seed``."""
+    for case in cases:
+        _check_sharded_attention(rank, world_size, case)
+
+
+def _check_sharded_attention(rank: int, world_size: int, case: dict) -> None:
     from ..functional import attention
     from ..testing import compare
     from .sharded import sharded_attention
@@ -97,6 +102,8 @@ def check_sharded_attention(rank: int, world_size: int, case: dict) -> None:
     torch.autograd.backward([t for t, _ in upstream], [g for _, g in upstream])
     ref_dq, ref_dk, ref_dv = (t.grad for t in ref_inputs)
 
+    if case.get("plan"):
+        local.update(keys_before=sum(lengths[:rank]), keys_after=sum(lengths[rank + 1 :]))
     inputs = [t.to(dtype).requires_grad_() for t in (q, k[:, mine], v[:, mine])]
     out, lse = sharded_attention(*inputs, causal=options["causal"], backend=case["backend"], return_lse=True, **local)
     terms = [(out, grads_out[rank].to(dtype))]
@@ -115,17 +122,143 @@ def check_sharded_attention(rank: int, world_size: int, case: dict) -> None:
             raise AssertionError(f"rank {rank}/{world_size}, {case}: {name} off by {result}")
 
 
-def check_plan_error_on_every_rank(rank: int, world_size: int, lengths: list[int], num_queries: int) -> None:
-    """A causal layout that needs a shifted diagonal (the tail split across ranks) raises the same error on
-    every rank, before any rank enters the merge's collectives (else the others would wait forever)."""
+def check_errors_on_every_rank(rank: int, world_size: int) -> None:
+    """Calls that cannot work raise the same error on every rank before any rank enters the merge's collectives
+    (one rank raising alone would leave the others waiting forever): a causal layout that needs a shifted
+    diagonal, head dims, dtypes or options that differ across ranks, and (under value checks) queries that
+    differ across ranks."""
+    from ..problem import set_value_checks
     from .sharded import sharded_attention
 
-    q = torch.randn(1, num_queries, 1, 8)
-    k = v = torch.randn(1, lengths[rank], 1, 8)
+    def expect(message: str, q_shape=(1, 4, 1, 8), k_len=5, dv=8, dtype=torch.float32, q_seed=0, **options):
+        q = torch.randn(q_shape, generator=torch.Generator().manual_seed(q_seed)).to(dtype)
+        k, v = torch.randn(1, k_len, 1, q_shape[-1], dtype=dtype), torch.randn(1, k_len, 1, dv, dtype=dtype)
+        try:
+            sharded_attention(q, k, v, backend="reference", **options)
+        except ValueError as error:
+            if message not in str(error):
+                raise AssertionError(f"rank {rank}: expected {message!r}, got {error}") from error
+        else:
+            raise AssertionError(f"rank {rank}: no error, expected {message!r}")
+        dist.barrier()  # every rank got here: none is stuck in a collective
+
+    last = rank == world_size - 1
+    expect("a shifted causal diagonal is not supported", k_len=2 if last else 6, causal=True)  # Nq 4 > 2
+    expect("the same Dv", dv=8 + 8 * last)
+    expect("the same q dtype", dtype=torch.float64 if last else torch.float32)
+    expect("the same Nq", q_shape=(1, 4 + last, 1, 8))
+    expect("the same causal", causal=not last, k_len=5)
+    expect("the same scale", scale=0.5 if last else None)
+    previous = set_value_checks(True)
     try:
-        sharded_attention(q, k, v, causal=True, backend="reference")
-    except ValueError as error:
-        assert "a shifted causal diagonal is not supported" in str(error), error
+        expect("q differs across ranks", q_seed=int(last))
+    finally:
+        set_value_checks(previous)
+
+
+class _LinearInput(torch.nn.Module):
+    """``(B, M, F) -> (B, M, C)``: the smallest input adapter with parameters (they see only the local shard)."""
+
+    def __init__(self, in_features: int, channels: int):
+        super().__init__()
+        self.num_input_channels = channels
+        self.linear = torch.nn.Linear(in_features, channels)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def _model_and_batch(case: dict, batch: int, generator: torch.Generator):
+    """The case's model (the same weights on every rank: built under one seed) and a full batch with its loss."""
+    from .. import models
+
+    torch.manual_seed(case.get("seed", 0))
+    common = dict(activation_checkpointing=case.get("activation_checkpointing", False), backend=case["backend"])
+    if case["model"] == "io":
+        length = case.get("length", 11)
+        encoder = models.PerceiverEncoder(
+            _LinearInput(6, 12), num_latents=5, num_latent_channels=16, num_cross_attention_heads=2,
+            num_cross_attention_qk_channels=8, num_cross_attention_v_channels=12, num_cross_attention_layers=2,
+            num_self_attention_heads=2, num_self_attention_layers_per_block=2, num_self_attention_blocks=3,
+            shared_block_execution=case.get("shared_block_execution", True), **common,
+        )  # fmt: skip
+        decoder = models.PerceiverDecoder(
+            models.ClassificationOutputAdapter(num_classes=7, num_output_query_channels=10),
+            models.TrainableQueryProvider(num_queries=1, num_query_channels=10), num_latent_channels=16,
+            num_cross_attention_heads=1, **common,
+        )  # fmt: skip
+        model = models.PerceiverIO(encoder, decoder)
+        x = torch.randn(batch, length, 6, generator=generator)
+        pad_mask = torch.zeros(batch, length, dtype=torch.bool)
+        pad_mask[1, 2 : length - 1] = True  # most of sample 1, whole shards of it at some world sizes
+        target = torch.randn(batch, 7, generator=generator)
+
+        def loss(model, rows: slice):
+            return (model(x[rows], pad_mask=pad_mask[rows]) * target[rows]).sum(-1).mean()
+
     else:
-        raise AssertionError(f"rank {rank}: no error for lengths {lengths}, Nq={num_queries}")
-    dist.barrier()  # every rank got here: none is stuck in a collective
+        config = models.CausalSequenceModelConfig(
+            vocab_size=40, max_seq_len=20, max_latents=6, num_channels=32, num_heads=4, num_self_attention_layers=2,
+            cross_attention_dropout=0.0,
+        )  # fmt: skip
+        model = models.CausalSequenceModel(config, backend=case["backend"])
+        length = case.get("length", 15)
+        x = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
+        pad_mask = torch.zeros(batch, length, dtype=torch.bool)
+        pad_mask[1, :4] = True  # left padding: sample 1's positions start at 0 on its fifth token
+        target = torch.randint(0, config.vocab_size, (batch, config.max_latents), generator=generator)
+
+        def loss(model, rows: slice):
+            logits = model(x[rows], pad_mask=pad_mask[rows])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[rows].flatten())
+
+    return model, loss
+
+
+def check_models_data_x_context(rank: int, world_size: int, cases: list[dict]) -> None:
+    """Each case trains one step of a Perceiver model on a (data x context) = (2 x world_size/2) mesh, wrapped
+    in DDP or FSDP2 over all ranks, and checks every parameter's (averaged) gradient against the same model in
+    one process on the full batch and the full sequence.
+
+    ``case``: ``model`` ("io": a PerceiverIO classifier with padding, two cross-attention layers and shared
+    self-attention blocks; "ar": a CausalSequenceModel with left padding), ``wrap`` ("ddp", "fsdp",
+    "fsdp-bf16": FSDP2 with bfloat16 parameters, float32 gradient reduction), ``backend``, and optionally
+    ``shared_block_execution``, ``activation_checkpointing``, ``length``, ``seed``."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..testing import REORDERED_FP32_RTOL, compare_reordered
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("data", "context"))
+    flat = init_device_mesh("cpu", (world_size,))  # FSDP2 shards over every rank
+    context_group = mesh["context"].get_group()
+    data_rank, local_batch = mesh.get_local_rank("data"), 2
+    rows = slice(data_rank * local_batch, (data_rank + 1) * local_batch)
+    for case in cases:
+        model, loss = _model_and_batch(case, 2 * local_batch, torch.Generator().manual_seed(case.get("seed", 0)))
+        reference = copy.deepcopy(model)
+        loss(reference, slice(None)).backward()
+        expected = {name: p.grad for name, p in reference.named_parameters()}
+        # Gradients that are zero in exact arithmetic (a key bias: softmax ignores a shift of all scores) hold
+        # rounding noise only: every parameter is judged at no less than 1/1000 of the largest gradient.
+        min_scale = 1e-3 * max(g.abs().max().item() for g in expected.values())
+
+        model.context_group = context_group
+        if case["wrap"] == "ddp":
+            wrapped = DistributedDataParallel(model)
+        else:
+            policy = MixedPrecisionPolicy()
+            if case["wrap"] == "fsdp-bf16":
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            wrapped = fully_shard(model, mesh=flat, mp_policy=policy)
+        loss(wrapped, rows).backward()
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            rtol = 3e-2 if case["wrap"] == "fsdp-bf16" else REORDERED_FP32_RTOL
+            result = compare_reordered(grad, expected[name], rtol, min_scale)
+            if not result.ok:
+                raise AssertionError(f"rank {rank}/{world_size}, {case}: the gradient of {name} is off by {result}")
+        dist.barrier()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..distributed.plan import ShardPlan
 from ..functional import check_backend
 from .adapters import RotarySupport, TiedTokenOutputAdapter, TokenInputAdapter
 from .attention import RotaryPositions
@@ -98,6 +99,14 @@ class PerceiverAR(nn.Module):
         init_scale: std of the normal init of Linear/Embedding weights.
         activation_checkpointing: recompute every layer in backward.
         backend: ``pk.attention`` backend.
+        context_group: a ``torch.distributed`` process group, or None (settable): context parallelism. Every
+            rank gets the same ``x``; the sequence is split by :meth:`ShardPlan.balanced` with the latents on
+            the last rank, each rank projects and attends only its part of the prefix (that rank: with the
+            latents, causally), and the cross-attention merges the partials across the group
+            (:func:`~perceiver_kernels.distributed.sharded_attention`, rotary at global positions); the latent
+            stack stays replicated. Prefix dropout then keeps ``m - int(m * rate)`` of each rank's ``m`` prefix
+            positions (stratified by rank). The ranks of a group must draw the same dropout masks (seed them
+            alike). Gradients averaged over the data x context ranks (DDP, FSDP2) are the single-process ones.
     """
 
     def __init__(
@@ -106,6 +115,7 @@ class PerceiverAR(nn.Module):
         config: PerceiverARConfig | None = None,
         *,
         backend: str = "auto",
+        context_group=None,
         **options,
     ):
         super().__init__()
@@ -122,6 +132,7 @@ class PerceiverAR(nn.Module):
             raise ValueError(f"cross_attention_dropout must be in [0, 1), got {config.cross_attention_dropout}")
         check_backend(backend)
         self.config = config
+        self.context_group = context_group
         self.input_adapter = input_adapter
         shared = dict(
             causal_attention=True, dropout=config.post_attention_dropout, residual_dropout=config.residual_dropout,
@@ -156,10 +167,12 @@ class PerceiverAR(nn.Module):
             raise ValueError(f"pad_mask must be a bool tensor shaped like x {tuple(x.shape)}, got "
                              f"{pad_mask.dtype} {tuple(pad_mask.shape)}")  # fmt: skip
 
+    def _kept_count(self, prefix_len: int) -> int:
+        return prefix_len - int(prefix_len * self.cross_attention_dropout)
+
     def _kept_prefix_rows(self, batch: int, prefix_len: int, device: torch.device) -> Tensor:
         """``(B, keep)`` sorted random prefix rows of every sample, ``keep = p - int(p * rate)``."""
-        keep = prefix_len - int(prefix_len * self.cross_attention_dropout)
-        rows = torch.rand(batch, prefix_len, device=device).topk(keep, dim=1).indices
+        rows = torch.rand(batch, prefix_len, device=device).topk(self._kept_count(prefix_len), dim=1).indices
         return rows.sort(dim=1).values
 
     def forward(self, x: Tensor, prefix_len: int, pad_mask: Tensor | None = None) -> Tensor:
@@ -167,18 +180,37 @@ class PerceiverAR(nn.Module):
         batch, length = x.shape
         positions = sequence_positions(pad_mask, 0, length, x.device)
         emb = self.input_adapter(x, abs_pos=positions)
-        x_prefix, x_latent = emb[:, :prefix_len], emb[:, prefix_len:]
-        k_positions, kv_pad_mask = positions, pad_mask
-        if self.training and self.cross_attention_dropout > 0.0 and prefix_len > 0:
-            kept = self._kept_prefix_rows(batch, prefix_len, x.device)
-            x_prefix = x_prefix.gather(1, kept[:, :, None].expand(-1, -1, emb.shape[-1]))
-            rows = torch.cat([kept, torch.arange(prefix_len, length, device=x.device).expand(batch, -1)], dim=1)
+        x_latent = emb[:, prefix_len:]
+        # The keys this rank attends: prefix rows [lo, hi), then the latents (rows prefix_len..) if it holds them.
+        lo, hi, holds_latents, shards = 0, prefix_len, True, None
+        if self.context_group is not None:
+            plan = ShardPlan.for_group(length, self.context_group, tail=length - prefix_len)
+            lo, hi, holds_latents = min(plan.start, prefix_len), min(plan.stop, prefix_len), plan.stop == length
+        dropout = self.training and self.cross_attention_dropout > 0.0
+        if dropout and hi > lo:  # prefix dropout: gather the kept rows before the projections
+            kept = lo + self._kept_prefix_rows(batch, hi - lo, x.device)
+            x_prefix = emb.gather(1, kept[:, :, None].expand(-1, -1, emb.shape[-1]))
+            rows = kept
+            if holds_latents:
+                rows = torch.cat([kept, torch.arange(prefix_len, length, device=x.device).expand(batch, -1)], dim=1)
             k_positions = positions.expand(batch, -1).gather(1, rows)
             kv_pad_mask = None if pad_mask is None else pad_mask.gather(1, rows)
+        else:
+            x_prefix, stop = emb[:, lo:hi], length if holds_latents else hi
+            k_positions, kv_pad_mask = positions, pad_mask
+            if (lo, stop) != (0, length):
+                k_positions = positions[:, lo:stop]
+                kv_pad_mask = None if pad_mask is None else pad_mask[:, lo:stop]
+        if self.context_group is not None:  # attended keys per rank, which every rank can count alike
+            sizes = [max(0, min(b, prefix_len) - a) for a, b in plan.bounds()]  # prefix rows of each rank
+            sizes = [self._kept_count(n) for n in sizes] if dropout else sizes
+            sizes[-1] += length - prefix_len  # the latents
+            shards = ShardPlan(tuple(sizes), plan.rank, plan.group)
         q_positions = positions[:, prefix_len:]
+        kv = dict(x_kv_prefix=x_prefix) if holds_latents else dict(x_kv=x_prefix)
         x_latent = maybe_checkpoint(
-            self.cross_attention, self.activation_checkpointing, x_latent, x_kv_prefix=x_prefix,
-            pad_mask=kv_pad_mask, rotary=RotaryPositions(self.rotary_dim, q_positions, k_positions),
+            self.cross_attention, self.activation_checkpointing, x_latent, **kv, pad_mask=kv_pad_mask,
+            rotary=RotaryPositions(self.rotary_dim, q_positions, k_positions), shards=shards,
         )  # fmt: skip
         latent_pad_mask = None if pad_mask is None else pad_mask[:, prefix_len:]
         rotary = RotaryPositions(self.rotary_dim, q_positions, q_positions)
@@ -315,7 +347,7 @@ class CausalSequenceModel(PerceiverAR):
     -> logits (B, n - prefix_len, vocab_size)``; ``prefix_len`` defaults to ``max(n - max_latents, 0)``.
     """
 
-    def __init__(self, config: CausalSequenceModelConfig, backend: str = "auto"):
+    def __init__(self, config: CausalSequenceModelConfig, backend: str = "auto", context_group=None):
         if not 0 < config.max_latents <= config.max_seq_len:
             raise ValueError(f"max_latents={config.max_latents} must be in [1, max_seq_len={config.max_seq_len}]")
         head_dim = config.num_channels // config.num_heads
@@ -324,7 +356,7 @@ class CausalSequenceModel(PerceiverAR):
             config.vocab_size, config.max_seq_len, config.num_channels, abs_pos_emb=config.abs_pos_emb,
             rotated_channels_per_head=rotated - rotated % 2,
         )  # fmt: skip
-        super().__init__(input_adapter, config, backend=backend)
+        super().__init__(input_adapter, config, backend=backend, context_group=context_group)
         self.out_norm = nn.LayerNorm(config.num_channels) if config.output_norm else None
         self.output_adapter = TiedTokenOutputAdapter(config.vocab_size, emb_bias=config.output_bias)
 

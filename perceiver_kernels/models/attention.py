@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..distributed.plan import ShardPlan
+from ..distributed.sharded import sharded_attention
 from ..functional import attention, check_backend
 from ..reference import attention_reference
 
@@ -102,24 +104,46 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, pad_mask: Tensor | None = None, rotary: RotaryPositions | None = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pad_mask: Tensor | None = None,
+        rotary: RotaryPositions | None = None,
+        shards: ShardPlan | None = None,
     ) -> Tensor:
         """Attention of projected ``q (B|1, N, H, Dqk)`` over ``k, v (B, L, H, D)``, then the output
-        projection: ``(B, N, num_output_channels)``. ``pad_mask``: bool ``(B, L)``, True = padding."""
+        projection: ``(B, N, num_output_channels)``. ``pad_mask``: bool ``(B, L)``, True = padding.
+
+        ``shards``: the keys are this rank's part of a context-parallel split (``shards.sizes`` attended keys
+        per rank of ``shards.group``, rotary positions global): :func:`sharded_attention` over all of them."""
         options = dict(causal=self.causal_attention, key_padding_mask=pad_mask, scale=self.dp_scale)
         if rotary is not None and rotary.dim:
             options.update(rotary_dim=rotary.dim, q_positions=rotary.q, k_positions=rotary.k)
         if self.training and self.dropout > 0.0:
+            if shards is not None:
+                raise ValueError("attention dropout (dropout > 0 while training) does not run with sharded keys")
             out = attention_reference(q, k, v, dropout_p=self.dropout, **options)
+        elif shards is not None:
+            out = sharded_attention(
+                q, k, v, group=shards.group, backend=self.backend, keys_before=shards.rows_before,
+                keys_after=shards.rows_after, **options,
+            )  # fmt: skip
         else:
             out = attention(q, k, v, backend=self.backend, **options)
         return self.o_proj(out.flatten(-2))
 
     def forward(
-        self, x_q: Tensor, x_kv: Tensor, pad_mask: Tensor | None = None, rotary: RotaryPositions | None = None
+        self,
+        x_q: Tensor,
+        x_kv: Tensor,
+        pad_mask: Tensor | None = None,
+        rotary: RotaryPositions | None = None,
+        shards: ShardPlan | None = None,
     ) -> Tensor:
         """``x_q (B|1, N, Cq)``, ``x_kv (B, L, Ckv)`` -> ``(B, N, num_output_channels)``."""
-        return self.attend(self.project_q(x_q), *self.project_kv(x_kv), pad_mask=pad_mask, rotary=rotary)
+        q, (k, v) = self.project_q(x_q), self.project_kv(x_kv)
+        return self.attend(q, k, v, pad_mask=pad_mask, rotary=rotary, shards=shards)
 
 
 class CrossAttention(nn.Module):
@@ -157,8 +181,10 @@ class CrossAttention(nn.Module):
         x_kv_prefix: Tensor | None = None,
         pad_mask: Tensor | None = None,
         rotary: RotaryPositions | None = None,
+        shards: ShardPlan | None = None,
     ) -> Tensor:
-        """``x_q (B|1, N, Cq)``; ``x_kv (B, L, Ckv)`` or ``x_kv_prefix (B, L - N, Ckv)`` -> ``(B, N, Cq)``."""
+        """``x_q (B|1, N, Cq)``; ``x_kv (B, L, Ckv)`` or ``x_kv_prefix (B, L - N, Ckv)`` -> ``(B, N, Cq)``.
+        ``shards``: the keys are this rank's part of a context-parallel split (see ``MultiHeadAttention``)."""
         if (x_kv is None) == (x_kv_prefix is None):
             raise ValueError("pass exactly one of x_kv and x_kv_prefix")
         x_q = self.q_norm(x_q)
@@ -166,7 +192,7 @@ class CrossAttention(nn.Module):
             x_kv = torch.cat([self.kv_norm(x_kv_prefix), x_q], dim=1)
         else:
             x_kv = self.kv_norm(x_kv)
-        return self.attention(x_q, x_kv, pad_mask=pad_mask, rotary=rotary)
+        return self.attention(x_q, x_kv, pad_mask=pad_mask, rotary=rotary, shards=shards)
 
 
 class SelfAttention(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..distributed.plan import ShardPlan
 from ..functional import check_backend
 from .adapters import InputAdapter, OutputAdapter, QueryProvider, TrainableQueryProvider
 from .config import DecoderConfig, EncoderConfig, config_field, resolve
@@ -30,6 +31,14 @@ class PerceiverEncoder(nn.Module):
     ``num_self_attention_blocks``, ``0 < P <= L``), ``backend``; any field of the config may also be given as a
     keyword (it overrides ``config``'s). The model keeps its configuration as ``self.config``.
 
+    ``context_group`` (a ``torch.distributed`` process group, or None; settable): context parallelism. Every
+    rank of the group gets the same ``x``; the adapted input is split along its ``M`` axis
+    (:meth:`ShardPlan.balanced`), each rank projects and attends only its part, and the cross-attentions
+    merge the partials across the group (:func:`~perceiver_kernels.distributed.sharded_attention`); the latent
+    stack stays replicated. The ranks of a group must draw the same dropout masks (seed them alike).
+    Gradients follow ``sharded_attention``'s convention: averaging them over the data x context ranks
+    (DDP, FSDP2) gives the single-process gradients exactly.
+
     ``forward(x, pad_mask=None)``: ``x`` whatever the adapter takes, adapted to ``(B, M, C)``;
     ``pad_mask`` bool ``(B, M)``, True = padding. Returns the latents ``(B, N, D)``.
     """
@@ -42,6 +51,7 @@ class PerceiverEncoder(nn.Module):
         config: EncoderConfig | None = None,
         *,
         backend: str = "auto",
+        context_group=None,
         **options,
     ):
         super().__init__()
@@ -58,6 +68,7 @@ class PerceiverEncoder(nn.Module):
             )
         check_backend(backend)
         self.config = config
+        self.context_group = context_group
         self.input_adapter = input_adapter
         shared = dict(dropout=config.dropout, residual_dropout=config.residual_dropout, backend=backend)
 
@@ -104,9 +115,15 @@ class PerceiverEncoder(nn.Module):
         x_adapted = self.input_adapter(x)
         cross_attn_n = self.cross_attn_n if self.extra_cross_attention_layer else self.cross_attn_1
         self_attn_n = self.self_attn_n if self.extra_self_attention_block else self.self_attn_1
+        x_kv, kv_pad_mask, shards = x_adapted, pad_mask, None
+        if self.context_group is not None:  # this rank's part of the input; the attention merges the rest
+            shards = ShardPlan.for_group(x_adapted.shape[1], self.context_group)
+            x_kv, kv_pad_mask = shards.shard(x_adapted), shards.shard(pad_mask)
 
         def cross_attend(layer: CrossAttentionLayer, latents: Tensor) -> Tensor:
-            return maybe_checkpoint(layer, self.activation_checkpointing, latents, x_adapted, pad_mask=pad_mask)
+            return maybe_checkpoint(
+                layer, self.activation_checkpointing, latents, x_kv, pad_mask=kv_pad_mask, shards=shards
+            )
 
         latents = cross_attend(self.cross_attn_1, self.latent_provider())  # the (1, N, D) latents broadcast
         chain = [self.self_attn_1]
@@ -168,10 +185,19 @@ class PerceiverDecoder(nn.Module):
 
 class PerceiverIO(nn.Sequential):
     """``decoder(encoder(x, pad_mask))``. A ``Sequential`` of the two, as in perceiver-io, so that the
-    state dicts share their keys (``0.*`` the encoder, ``1.*`` the decoder)."""
+    state dicts share their keys (``0.*`` the encoder, ``1.*`` the decoder). ``context_group`` is the
+    encoder's (the decoder attends to the replicated latents)."""
 
     def __init__(self, encoder: PerceiverEncoder, decoder: PerceiverDecoder):
         super().__init__(encoder, decoder)
+
+    @property
+    def context_group(self):
+        return self.encoder.context_group
+
+    @context_group.setter
+    def context_group(self, group) -> None:
+        self.encoder.context_group = group
 
     @property
     def encoder(self) -> PerceiverEncoder:
