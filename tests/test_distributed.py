@@ -9,6 +9,7 @@ import torch
 import perceiver_kernels as pk
 from perceiver_kernels.distributed import ShardPlan, merge_attention, shard_sequence, sharded_attention
 from perceiver_kernels.distributed.testing import (
+    check_compiled_model,
     check_errors_on_every_rank,
     check_models_data_x_context,
     check_sharded_attention,
@@ -158,3 +159,9 @@ def test_models_train_on_a_data_x_context_mesh():
     """A PerceiverIO and a CausalSequenceModel step on a 2 x 2 (data x context) mesh under DDP and FSDP2: every
     parameter's averaged gradient equals the single-process model's on the full batch and sequence."""
     spawn(check_models_data_x_context, 4, MODEL_CASES)
+
+
+def test_compiled_context_parallel_model_is_one_graph():
+    """torch.compile(fullgraph=True) of a context-parallel CausalSequenceModel step: the merge's collectives
+    trace into the graph; logits and gradients equal the eager step's."""
+    spawn(check_compiled_model, 2)
