@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..functional import attention
-from ..problem import value_checks_enabled
+from ..problem import tracing, value_checks_enabled
 from .merge import merge_weights
 
 # all_gather_single is the name from torch 2.14 on (all_gather_into_tensor warns there); the package supports 2.11.
@@ -136,7 +136,8 @@ def sharded_attention(
             causal layout that needs a shifted diagonal, then raise on every rank alike. Given, they must come
             from one plan valid on all ranks: a rank that raises alone leaves the others waiting in the
             collective. Under value checks (:func:`~perceiver_kernels.set_value_checks`) the layout is always
-            exchanged and checked, with a checksum of ``q`` (which must be replicated).
+            exchanged and checked, with a checksum of ``q`` (which must be replicated). Under
+            ``torch.compile`` nothing is exchanged: give them whenever they are needed (the models do).
         scale, backend, return_lse: as in ``pk.attention``.
 
     Returns:
@@ -149,7 +150,11 @@ def sharded_attention(
         raise ValueError("sharded_attention: kv_lengths with causal is not supported (use key_padding_mask)")
     counts = None
     need_counts = causal or (rotary_dim and (q_positions is None or k_positions is None))
-    if (need_counts and (keys_before is None or keys_after is None)) or value_checks_enabled():
+    missing = need_counts and (keys_before is None or keys_after is None)
+    if missing and tracing():  # the exchange reads values on the host
+        raise ValueError("sharded_attention: under torch.compile (or tracing) pass keys_before and keys_after "
+                         "(e.g. from a ShardPlan) for causal or default rotary positions")  # fmt: skip
+    if missing or (value_checks_enabled() and not tracing()):
         layout = (bool(causal), scale, rotary_dim, rotary_base, bool(rotary_interleaved))
         counts = _exchange_layout(q, k, v, attended, layout, group)
         keys_before, keys_after = sum(counts[:rank]), sum(counts[rank + 1 :])
