@@ -235,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="the benchmark suite: ours vs SDPA, FlexAttention and naive attention")
     bench.add_argument(
         "--suite",
-        choices=("perceiver", "quick", "host"),
-        help="default: perceiver on a GPU, quick on CPU; host: per-call host overhead (any device)",
+        choices=("perceiver", "quick", "host", "sharded"),
+        help="default: perceiver on a GPU, quick on CPU; host: per-call host overhead (any device); sharded: keys "
+        "split across ranks (traffic, the split's cost; gloo processes on CPU)",
     )
     bench.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both")
     bench.add_argument("--out", help="folder for bench.json, bench.txt, bench.md and the PNG plots")

@@ -412,10 +412,11 @@ def run_cli(args) -> int:
     """``perceiver-kernels bench``; ``args`` as parsed by ``perceiver_kernels.cli``."""
     device = torch.device(args.device)
     suite = args.suite or ("perceiver" if device.type == "cuda" else "quick")
-    if suite == "host":
-        from . import host
+    if suite in ("host", "sharded"):
+        from . import host, sharded
 
-        return host.run_cli(args, device, getattr(torch, args.dtype) if args.dtype else SUITE_DTYPES[device.type])
+        dtype = getattr(torch, args.dtype) if args.dtype else SUITE_DTYPES[device.type]
+        return (host if suite == "host" else sharded).run_cli(args, device, dtype)
     if device.type == "cpu" and suite != "quick":
         print(f"bench: the {suite!r} suite needs a GPU; on CPU run --suite quick", file=sys.stderr)
         return 2
