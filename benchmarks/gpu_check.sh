@@ -2,11 +2,11 @@
 # One-shot check on a lent GPU machine (no network; its own python3 with torch and triton, which the
 # project's pins do not govern): install the package without dependencies, run the GPU test suite,
 # compute-sanitizer (memcheck, racecheck) over the CUDA backend, `perceiver-kernels check --device cuda`
-# `perceiver-kernels bench --suite host` (per-call host overhead, into OUT_DIR/host) and `perceiver-kernels
-# bench --suite perceiver` (attention shapes, then the model entries shared-blocks and model-ar-train),
+# `perceiver-kernels bench --suite host` (per-call host overhead, into OUT_DIR/host), `--suite sharded` (ranks
+# emulated in one process, into OUT_DIR/sharded) and `perceiver-kernels bench --suite perceiver` (attention shapes, then the model entries shared-blocks and model-ar-train),
 # writing logs, bench.json, tables and plots into OUT_DIR. Every step has a timeout so that the whole run
 # fits in about 9.5 minutes (the install also builds the CUDA extension): TEST_TIMEOUT, SANITIZER_TIMEOUT
-# (per tool), CHECK_TIMEOUT, HOST_TIMEOUT, BENCH_TIMEOUT (seconds). The bench skips (and records)
+# (per tool), CHECK_TIMEOUT, HOST_TIMEOUT, SHARDED_TIMEOUT, BENCH_TIMEOUT (seconds). The bench skips (and records)
 # the rows left once BENCH_BUDGET is spent, and on the timeout's SIGTERM it still writes what it
 # measured. BENCH_ARGS adds bench options (e.g. --providers, --shapes).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR
@@ -63,8 +63,15 @@ timeout -k 10 "${HOST_TIMEOUT:-45}" python3 -m perceiver_kernels bench --suite h
   --no-progress 2>&1 | tee "$out/host.log"
 echo "host exit: ${PIPESTATUS[0]}"
 
+step sharded
+# Keys split across ranks, the ranks emulated in one process: the chunk kernels plus the merge against one call
+# (perceiver_kernels/bench/sharded.py).
+timeout -k 10 "${SHARDED_TIMEOUT:-30}" python3 -m perceiver_kernels bench --suite sharded --device cuda \
+  --out "$out/sharded" 2>&1 | tee "$out/sharded.log"
+echo "sharded exit: ${PIPESTATUS[0]}"
+
 step bench
-timeout -k 30 "${BENCH_TIMEOUT:-170}" python3 -m perceiver_kernels bench --suite perceiver --device cuda --out "$out" \
-  --time-budget "${BENCH_BUDGET:-140}" --no-progress ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
+timeout -k 30 "${BENCH_TIMEOUT:-150}" python3 -m perceiver_kernels bench --suite perceiver --device cuda --out "$out" \
+  --time-budget "${BENCH_BUDGET:-120}" --no-progress ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
 step done
