@@ -243,7 +243,13 @@ class SharedBlocks(ModelEntry):
 
 
 def sdpa_attend(
-    self: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, pad_mask: Tensor | None = None, rotary=None
+    self: MultiHeadAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pad_mask: Tensor | None = None,
+    rotary=None,
+    shards=None,
 ) -> Tensor:
     """``MultiHeadAttention.attend`` as an SDPA user writes it: rotary as a separate op
     (``pk.apply_rotary``, plain PyTorch), then ``scaled_dot_product_attention`` with the bottom-right
@@ -251,7 +257,10 @@ def sdpa_attend(
     of ``reference.visible_keys``. ``q (B|1, N, H, Dqk)``, ``k, v (B, L, H, D)`` -> ``(B, N, C_out)``.
 
     A query row that sees no key at all (a latent that is itself left padding) gets NaN from SDPA where
-    our backends give zeros; the benchmark's inputs have no padding."""
+    our backends give zeros; the benchmark's inputs have no padding. ``shards`` (keys split across ranks) is
+    not an SDPA user's path: it raises."""
+    if shards is not None:
+        raise ValueError("the sdpa variant of the model benchmark runs one process (no context_group)")
     if rotary is not None and rotary.dim:
         q = pk.apply_rotary(q, rotary.q, rotary.dim, backend="reference")
         k = pk.apply_rotary(k, rotary.k, rotary.dim, backend="reference")
