@@ -171,7 +171,7 @@ def text_report(results: dict) -> str:
         lines.append(f"{row['shape']:24s} {row['ranks']:5d} {row['whole_ms']:9.2f} {row['split_ms']:9.2f} "
                      f"{row['ratio']:11.2f}")  # fmt: skip
     if results["gloo"]:
-        lines += ["", "gloo, 2 CPU processes (1 thread each, float32), sharded_attention vs one process on all keys, fwd+bwd:",
+        lines += ["", "gloo, 2 CPU processes (1 thread, float32 each): sharded_attention vs one process, fwd+bwd:",
                   f"{'shape':24s} {'whole ms':>9s} {'sharded ms':>10s} {'sharded/whole':>13s}"]  # fmt: skip
         for row in results["gloo"]:
             lines.append(f"{row['shape']:24s} {row['whole_ms']:9.2f} {row['sharded_ms']:10.2f} {row['ratio']:13.2f}")
