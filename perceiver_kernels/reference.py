@@ -111,6 +111,11 @@ def reference_attention(
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.gather(1, rows)
 
+    if key_padding_mask is not None and num_keys:
+        # Padded keys are zeros, whatever their memory holds: a NaN there must not reach the output or dq
+        # through a zero probability (0 x NaN = NaN). Their gradients are zeros (masked_fill's backward).
+        padded = key_padding_mask[:, :, None, None].to(q.device)
+        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
     qc = q.to(compute_dtype).expand(batch, -1, -1, -1)
     scores = torch.einsum("bqhd,bkhd->bhqk", qc, k.to(compute_dtype)) * scale  # (B, H, Nq, Nk)
     visible = visible_keys(

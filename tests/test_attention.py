@@ -212,3 +212,60 @@ def test_non_finite_lse_gradient_of_empty_rows_is_ignored(backend, device):
     for got, want in zip(grads, expected, strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want)
+
+
+GARBAGE_CASES = {
+    "causal-split-kv": dict(nk=70, dqk=16, dv=24, causal=True, num_splits=3),
+    "rotary-gather": dict(nk=37, dqk=16, dv=24, causal=True, rotary_dim=8, kv_index=True),
+    "wide-head": dict(nk=40, dqk=261, dv=261),  # head-dim chunks: scores, dV and dQ (atomics) chunk by chunk
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("name", list(GARBAGE_CASES))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_and_inf_in_padded_keys_are_ignored(backend, name, dtype, device):
+    """Keys marked padded may hold anything (an uninitialised buffer): NaN and Inf there leave the output,
+    the lse and every gradient bitwise equal to those of clean inputs, and the padded rows' gradients zero.
+    (A masked probability of 0 times a NaN value would otherwise spread NaN over the whole sample.)"""
+    case = dict(GARBAGE_CASES[name])
+    num_splits, nk = case.pop("num_splits", 0), case.pop("nk")
+    dqk, dv = case.pop("dqk"), case.pop("dv")
+    q = torch.randn(2, 5, 2, dqk, device=device, dtype=dtype)
+    k = torch.randn(2, nk, 2, dqk, device=device, dtype=dtype)
+    v = torch.randn(2, nk, 2, dv, device=device, dtype=dtype)
+    mask = torch.zeros(2, nk, dtype=torch.bool, device=device)
+    mask[0, 3:9] = True
+    mask[1, nk - 6 :] = True  # the end of sample 1, where its causal diagonal sits
+    options = dict(key_padding_mask=mask, causal=case.pop("causal", False), rotary_dim=case.pop("rotary_dim", 0))
+    if case.pop("kv_index", False):
+        options["kv_index"] = torch.arange(0, nk, 2, device=device).expand(2, -1).contiguous()
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[mask], dirty_v[mask] = float("nan"), float("inf")
+    dirty_k[0, 4, 1], dirty_v[0, 5, 0] = float("-inf"), float("nan")
+    fn = backend_fn(triton_attention, num_splits) if backend == "triton" else None
+    results = []
+    for keys, values in ((k, v), (dirty_k, dirty_v)):
+        inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
+        if fn is None:
+            out, lse = pk.attention(*inputs, backend="reference", return_lse=True, **options)
+        else:
+            out, lse = fn(*inputs, **options)
+        weights = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
+        (out.float() * weights).sum().backward()
+        results.append([out, lse, *(t.grad for t in inputs)])
+    for what, clean, dirty in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
+        assert torch.equal(clean, dirty), f"{what} changed by garbage in padded keys"
+    assert not results[1][3][mask].any() and not results[1][4][mask].any()
+
+
+def test_nan_in_a_visible_key_still_propagates(device):
+    """Only ignored memory is ignored: a NaN in a key that is attended to reaches the output."""
+    q, k, v = (
+        torch.randn(1, 3, 1, 16, device=device),
+        torch.randn(1, 9, 1, 16, device=device),
+        torch.randn(1, 9, 1, 16, device=device),
+    )
+    v[0, 2, 0, 0] = float("nan")
+    out = pk.attention(q, k, v, backend="triton", key_padding_mask=torch.zeros(1, 9, dtype=torch.bool, device=device))
+    assert torch.isnan(out[..., 0]).all()

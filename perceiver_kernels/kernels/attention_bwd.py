@@ -106,7 +106,7 @@ def _dkdv_query_loop(
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         else:
             s_t = _scores(
-                k, k_base, q_base, rows, offs_m, n_mask, m_mask, stride_kn, stride_qm, DQK,
+                k, k_base, q_base, rows, offs_m, keep, m_mask, stride_kn, stride_qm, DQK,
                 k_rope, stride_krs, stride_krn, q_rope, stride_qrs, stride_qrn, ROT_DIM,
                 BLOCK_N, BLOCK_M, BLOCK_DK, NUM_DK, ROTARY, INTERLEAVED, DOT_PRECISION, ACC_DTYPE,
             )  # fmt: skip
@@ -134,7 +134,7 @@ def _dkdv_query_loop(
                 do = _load_rows(do_base, offs_m, m_mask, stride_gm, offs_dv, DV)
             if COMPUTE_DKDQ:
                 dp_t = _scores(
-                    v, v_base, do_base, rows, offs_m, n_mask, m_mask, stride_vn, stride_gm, DV,
+                    v, v_base, do_base, rows, offs_m, keep, m_mask, stride_vn, stride_gm, DV,
                     v_base, 0, 0, v_base, 0, 0, 0,  # no rotary tables: v and dO are not rotated
                     BLOCK_N, BLOCK_M, BLOCK_DV, NUM_DV, False, INTERLEAVED, DOT_PRECISION, ACC_DTYPE,
                 )  # fmt: skip
@@ -222,16 +222,18 @@ def _bwd_dkdv_kernel(
     keep = n_mask
     if HAS_PAD:
         keep = _key_kept(KeyPad + b * stride_pb, rows, n_mask, stride_pn)
+    # Padded keys are never loaded (zeros instead, here and in the query loop): whatever their memory holds
+    # cannot reach dQ, or dS through dP, as a zero probability times a non-finite value.
     # K stays in registers (rotated, with rotary): for the scores on the fast path, and for dQ.
     if NUM_DK == 1 or COMPUTE_DKDQ:
         k = _load_tile(
-            k_base, rows, n_mask, stride_kn, offs_dk, DQK, k_rope, stride_krs, stride_krn, ROT_DIM,
+            k_base, rows, keep, stride_kn, offs_dk, DQK, k_rope, stride_krs, stride_krn, ROT_DIM,
             ROTARY, INTERLEAVED, ACC_DTYPE,
         )  # fmt: skip
     else:
         k = k_base  # unused
     if NUM_DV == 1 and COMPUTE_DKDQ:
-        v = _load_rows(v_base, rows, n_mask, stride_vn, offs_dv, DV)
+        v = _load_rows(v_base, rows, keep, stride_vn, offs_dv, DV)
     else:
         v = v_base  # unused
 
@@ -294,17 +296,20 @@ def _dq_key_loop(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < key_end
         rows = _key_rows(kv_index_row, offs_n, n_mask, Nk_rows, HAS_KV_INDEX)
+        kept = n_mask  # padded keys are never loaded (see the dK/dV kernel)
+        if HAS_PAD:
+            kept = _key_kept(pad_row, rows, n_mask, stride_pn)
         k = _load_tile(
-            k_base, rows, n_mask, stride_kn, tl.arange(0, BLOCK_DK), DQK, k_rope, stride_krs, stride_krn, ROT_DIM,
+            k_base, rows, kept, stride_kn, tl.arange(0, BLOCK_DK), DQK, k_rope, stride_krs, stride_krn, ROT_DIM,
             ROTARY, INTERLEAVED, ACC_DTYPE,
         )  # fmt: skip
-        v = _load_rows(v_base, rows, n_mask, stride_vn, tl.arange(0, BLOCK_DV), DV)
+        v = _load_rows(v_base, rows, kept, stride_vn, tl.arange(0, BLOCK_DV), DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], key_end, offset, CAUSAL), p, 0.0)
         if HAS_PAD:
-            p = tl.where(_key_kept(pad_row, rows, n_mask, stride_pn)[None, :], p, 0.0)
+            p = tl.where(kept[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         ds = tl.where(p != 0.0, p * (dp - delta[:, None]), 0.0).to(k.dtype)  # see ds_t above
         dq += tl.dot(ds, k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)

@@ -53,8 +53,13 @@ def _fwd_key_loop(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < key_end
         rows = _key_rows(kv_index_row, offs_n, n_mask, Nk_rows, HAS_KV_INDEX)
+        # Padded keys are never loaded (zeros instead): whatever their memory holds (NaN, Inf) cannot reach
+        # the output through a zero probability times a non-finite value.
+        kept = n_mask
+        if HAS_PAD:
+            kept = _key_kept(pad_row, rows, n_mask, stride_pn)
         s = _scores(
-            q, q_base, k_base, offs_m, rows, m_mask, n_mask, stride_qm, stride_kn, DQK,
+            q, q_base, k_base, offs_m, rows, m_mask, kept, stride_qm, stride_kn, DQK,
             q_rope, stride_qrs, stride_qrn, k_rope, stride_krs, stride_krn, ROT_DIM,
             BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, ROTARY, INTERLEAVED, DOT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
@@ -62,17 +67,17 @@ def _fwd_key_loop(
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], key_end, offset, CAUSAL)
             if HAS_PAD:
-                visible = visible & _key_kept(pad_row, rows, n_mask, stride_pn)[None, :]
+                visible = visible & kept[None, :]
             s = tl.where(visible, s, float("-inf"))
         elif HAS_PAD:
-            s = tl.where(_key_kept(pad_row, rows, n_mask, stride_pn)[None, :], s, float("-inf"))
+            s = tl.where(kept[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 finite.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, rows, n_mask, stride_vn, offs_dv, DV)
+        v = _load_rows(v_base, rows, kept, stride_vn, offs_dv, DV)
         acc = acc * alpha[:, None]
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         m_i = m_new
