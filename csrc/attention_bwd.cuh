@@ -88,6 +88,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   const int quad = lane % 4;
   const KeyAxis axis = key_axis(p, b);  // the (gathered) key axis
   const int64_t* index = axis.index;
+  const bool* pad = padding_row(p, b);  // padded keys are never loaded
   const int num_keys = axis.size;
   const int length = axis.length;
   const float scale_log2 = p.scale * kLog2e;
@@ -115,9 +116,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
 
   if (any_work) {
     load_tile<T, D, kKeysPerCta, kThreads>(k_smem, k_base, p.k_row_stride, n0, length, p.head_dim_qk, index,
-                                           p.num_keys);
+                                           p.num_keys, pad, p.mask_row_stride);
     load_tile<T, D, kKeysPerCta, kThreads>(v_smem, v_base, p.v_row_stride, n0, length, p.head_dim_v, index,
-                                           p.num_keys);
+                                           p.num_keys, pad, p.mask_row_stride);
     cp_async_commit();
   }
   // The key (row of S^T) of each accumulator element: warp * 16 + group (+8), and its visibility
@@ -334,6 +335,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
 
   const KeyAxis axis = key_axis(p, b);
   const int64_t* index = axis.index;
+  const bool* pad = padding_row(p, b);  // padded keys are never loaded
   const int length = axis.length;
   int tile_begin, tile_end;
   forward_key_tiles(p, axis, m0, kDqQueries, kBlockN, split, p.num_splits, tile_begin, tile_end);
@@ -346,9 +348,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
   load_tile<T, D, kDqQueries, kThreads>(do_smem, do_base, p.do_row_stride, m0, p.num_queries, p.head_dim_v);
   if (tile_begin < tile_end) {
     load_tile<T, D, kBlockN, kThreads>(k_smem, k_base, p.k_row_stride, tile_begin * kBlockN, length, p.head_dim_qk,
-                                       index, p.num_keys);
+                                       index, p.num_keys, pad, p.mask_row_stride);
     load_tile<T, D, kBlockN, kThreads>(v_smem, v_base, p.v_row_stride, tile_begin * kBlockN, length, p.head_dim_v,
-                                       index, p.num_keys);
+                                       index, p.num_keys, pad, p.mask_row_stride);
   }
   cp_async_commit();
 
@@ -373,9 +375,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
     const int buffer = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {  // prefetch the next tile into the other buffer
       load_tile<T, D, kBlockN, kThreads>(k_smem + (buffer ^ 1) * kBlockN * kStride, k_base, p.k_row_stride,
-                                         (tile + 1) * kBlockN, length, p.head_dim_qk, index, p.num_keys);
+                                         (tile + 1) * kBlockN, length, p.head_dim_qk, index, p.num_keys, pad,
+                                         p.mask_row_stride);
       load_tile<T, D, kBlockN, kThreads>(v_smem + (buffer ^ 1) * kBlockN * kStride, v_base, p.v_row_stride,
-                                         (tile + 1) * kBlockN, length, p.head_dim_v, index, p.num_keys);
+                                         (tile + 1) * kBlockN, length, p.head_dim_v, index, p.num_keys, pad,
+                                         p.mask_row_stride);
     }
     cp_async_commit();
     cp_async_wait<1>();  // everything but the prefetch has landed (Q and dO came with the first group)

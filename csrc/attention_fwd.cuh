@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 
   const KeyAxis axis = key_axis(p, b);
   const int64_t* index = axis.index;
+  const bool* pad = padding_row(p, b);  // padded keys are never loaded
   const int length = axis.length;
   int tile_begin, tile_end;
   forward_key_tiles(p, axis, m0, kBlockM, kBlockN, split, p.num_splits, tile_begin, tile_end);
@@ -90,9 +91,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   load_tile<T, D, kBlockM, kThreads>(q_smem, q_base, p.q_row_stride, m0, p.num_queries, p.head_dim_qk);
   if (tile_begin < tile_end) {
     load_tile<T, D, kBlockN, kThreads>(k_smem, k_base, p.k_row_stride, tile_begin * kBlockN, length, p.head_dim_qk,
-                                       index, p.num_keys);
+                                       index, p.num_keys, pad, p.mask_row_stride);
     load_tile<T, D, kBlockN, kThreads>(v_smem, v_base, p.v_row_stride, tile_begin * kBlockN, length, p.head_dim_v,
-                                       index, p.num_keys);
+                                       index, p.num_keys, pad, p.mask_row_stride);
   }
   cp_async_commit();
 
@@ -112,9 +113,11 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     const int buffer = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {  // prefetch the next tile into the other buffer
       load_tile<T, D, kBlockN, kThreads>(k_smem + (buffer ^ 1) * kBlockN * kStride, k_base, p.k_row_stride,
-                                         (tile + 1) * kBlockN, length, p.head_dim_qk, index, p.num_keys);
+                                         (tile + 1) * kBlockN, length, p.head_dim_qk, index, p.num_keys, pad,
+                                         p.mask_row_stride);
       load_tile<T, D, kBlockN, kThreads>(v_smem + (buffer ^ 1) * kBlockN * kStride, v_base, p.v_row_stride,
-                                         (tile + 1) * kBlockN, length, p.head_dim_v, index, p.num_keys);
+                                         (tile + 1) * kBlockN, length, p.head_dim_v, index, p.num_keys, pad,
+                                         p.mask_row_stride);
     }
     cp_async_commit();
     cp_async_wait<1>();  // everything but the prefetch has landed (Q came with the first group)

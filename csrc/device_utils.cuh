@@ -139,19 +139,29 @@ __device__ __forceinline__ int64_t key_row(const int64_t* index, int j, int num_
 
 // Copies rows [first_row, first_row + ROWS) x columns [0, D) of a row-major global tile into shared
 // memory (row stride D + 8); rows >= rows_valid and columns >= cols_valid are zero-filled. With `index`
-// (one sample's kv_index row), row j is read from memory row key_row(index, j, num_rows).
+// (one sample's kv_index row), row j is read from memory row key_row(index, j, num_rows). With `padded` (one
+// sample's key_padding_mask row, stride padded_stride), a padded key's row is zero-filled too: never loaded,
+// whatever its memory holds (NaN, Inf) cannot reach the output or dQ as a zero probability times its value.
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int first_row, int rows_valid,
-                                          int cols_valid, const int64_t* index = nullptr, int num_rows = 0) {
+                                          int cols_valid, const int64_t* index = nullptr, int num_rows = 0,
+                                          const bool* padded = nullptr, int64_t padded_stride = 0) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kStride = D + 8;
   for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
     const int r = c / kChunks;
     const int col = (c % kChunks) * 8;
-    const bool valid = first_row + r < rows_valid && col < cols_valid;
-    const T* from = valid ? src + key_row(index, first_row + r, num_rows) * row_stride + col : src;
+    bool valid = first_row + r < rows_valid && col < cols_valid;
+    const int64_t row = valid ? key_row(index, first_row + r, num_rows) : 0;
+    if (valid && padded != nullptr) valid = !padded[row * padded_stride];
+    const T* from = valid ? src + row * row_stride + col : src;
     cp_async_16(dst + r * kStride + col, from, valid);
   }
+}
+
+// Sample b's row of the key padding mask (for the loaders above), or nullptr without one.
+__device__ __forceinline__ const bool* padding_row(const CommonParams& p, int b) {
+  return p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.mask_batch_stride;
 }
 
 // Rotates, in shared memory, the first rotary_dim channels of rows [0, rows_valid) of a (ROWS, D) tile

@@ -89,9 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
   const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
                               rotary_dim, scale);
   const c10::cuda::CUDAGuard guard(in.q.device());
+  const bool tensor_cores = use_tensor_cores(in.q, in.k, in.v, in.key_axis);
+  if (!tensor_cores) {  // the SIMT backward adds dQ with float32 atomics: their order varies between runs
+    at::globalContext().alertNotDeterministic(
+        "perceiver_kernels::cuda_attention_bwd on the SIMT kernels (float32, or head dims not multiples of 8)");
+  }
   return attention_backward(grad_out, grad_lse, in.q, in.k, in.v, out, lse, key_padding_mask, in.checked, rotary_dim,
-                            rotary_interleaved, causal, scale, num_splits,
-                            cuda_kernels(use_tensor_cores(in.q, in.k, in.v, in.key_axis)));
+                            rotary_interleaved, causal, scale, num_splits, cuda_kernels(tensor_cores));
 }
 
 }  // namespace

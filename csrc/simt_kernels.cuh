@@ -49,16 +49,19 @@ __host__ __device__ constexpr int tile_rows() {
 
 // Copies rows [first_row, first_row + ROWS) x columns [0, D) of a row-major tile of T (unit column
 // stride) into float32 shared memory with row stride D + 1; rows >= rows_valid and columns >= cols_valid
-// become 0. With `index`, row j is read from memory row key_row(index, j, num_rows).
+// become 0. With `index`, row j is read from memory row key_row(index, j, num_rows); with `padded`, a padded
+// key's row becomes 0 too (never loaded: see load_tile).
 template <typename T, int D, int ROWS>
 __device__ __forceinline__ void load_rows(float* dst, const T* src, int64_t row_stride, int first_row, int rows_valid,
-                                          int cols_valid, const int64_t* index = nullptr, int num_rows = 0) {
+                                          int cols_valid, const int64_t* index = nullptr, int num_rows = 0,
+                                          const bool* padded = nullptr, int64_t padded_stride = 0) {
   for (int c = threadIdx.x; c < ROWS * D; c += kThreads) {
     const int r = c / D;
     const int col = c % D;
     float value = 0.f;
     if (first_row + r < rows_valid && col < cols_valid) {
-      value = Types<T>::to_float(src[key_row(index, first_row + r, num_rows) * row_stride + col]);
+      const int64_t row = key_row(index, first_row + r, num_rows);
+      if (padded == nullptr || !padded[row * padded_stride]) value = Types<T>::to_float(src[row * row_stride + col]);
     }
     dst[r * (D + 1) + col] = value;
   }
@@ -104,6 +107,7 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
   const int row = m0 + local_row;
 
   const KeyAxis axis = key_axis(p, b);
+  const bool* pad = padding_row(p, b);  // padded keys are never loaded
   int tile_begin, tile_end;
   forward_key_tiles(p, axis, m0, kTile, kTile, blockIdx.y, p.num_splits, tile_begin, tile_end);
   const int offset = causal_offset(axis.length, p.num_queries);  // causal: key <= row + offset
@@ -126,8 +130,10 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int n0 = tile * kTile;
     __syncthreads();  // the previous tile's K, V and P are read (and Q is loaded and rotated)
-    load_rows<T, D, kTile>(k_smem, k_base, p.k_row_stride, n0, axis.length, p.head_dim_qk, axis.index, p.num_keys);
-    load_rows<T, D, kTile>(v_smem, v_base, p.v_row_stride, n0, axis.length, p.head_dim_v, axis.index, p.num_keys);
+    load_rows<T, D, kTile>(k_smem, k_base, p.k_row_stride, n0, axis.length, p.head_dim_qk, axis.index, p.num_keys,
+                           pad, p.mask_row_stride);
+    load_rows<T, D, kTile>(v_smem, v_base, p.v_row_stride, n0, axis.length, p.head_dim_v, axis.index, p.num_keys,
+                           pad, p.mask_row_stride);
     if (p.rotary_dim > 0) {  // each key keeps its own position (its memory row's, with kv_index)
       __syncthreads();
       rotate_keys<T, D, kTile, kThreads, float, kStride>(k_smem, p, b, axis, n0);
@@ -231,6 +237,7 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
   const int local_row = threadIdx.x / kLanes;
   const int lane = threadIdx.x % kLanes;
   const KeyAxis axis = key_axis(p, b);
+  const bool* pad = padding_row(p, b);  // padded keys are never loaded
   const int key = n0 + local_row;  // this thread's key (of the gathered axis)
   const bool key_ok = key_visible(p, axis, b, key);
   const float scale_log2 = p.scale * kLog2e;
@@ -249,8 +256,10 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
   for (int i = 0; i < kDims; ++i) dk[i] = dv[i] = 0.f;
 
   if (any_work) {
-    load_rows<T, D, kTile>(k_smem, k_base, p.k_row_stride, n0, axis.length, p.head_dim_qk, axis.index, p.num_keys);
-    load_rows<T, D, kTile>(v_smem, v_base, p.v_row_stride, n0, axis.length, p.head_dim_v, axis.index, p.num_keys);
+    load_rows<T, D, kTile>(k_smem, k_base, p.k_row_stride, n0, axis.length, p.head_dim_qk, axis.index, p.num_keys,
+                           pad, p.mask_row_stride);
+    load_rows<T, D, kTile>(v_smem, v_base, p.v_row_stride, n0, axis.length, p.head_dim_v, axis.index, p.num_keys,
+                           pad, p.mask_row_stride);
     if (p.rotary_dim > 0) {
       __syncthreads();
       rotate_keys<T, D, kTile, kThreads, float, kStride>(k_smem, p, b, axis, n0);

@@ -207,3 +207,32 @@ def test_results_do_not_depend_on_thread_order(name, family):
                 torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
             else:
                 assert torch.equal(a, b), f"{name_} depends on the order threads run in"
+
+
+@pytest.mark.parametrize("family, dtype", [("simt", torch.float32), ("tensor-core", torch.float16)])
+@pytest.mark.parametrize("gather", [False, True], ids=["plain", "rotary-gather"])
+def test_nan_and_inf_in_padded_keys_are_ignored(family, dtype, gather):
+    """As the Triton test of the same name: padded keys are never loaded, so NaN/Inf there leave out, lse and every
+    gradient bitwise as for clean inputs (causal, split-KV), and the padded rows' gradients zero."""
+    load()
+    nk = 70
+    q = torch.randn(2, 5, 2, 16, dtype=dtype)
+    k, v = torch.randn(2, nk, 2, 16, dtype=dtype), torch.randn(2, nk, 2, 24, dtype=dtype)
+    mask = torch.zeros(2, nk, dtype=torch.bool)
+    mask[0, 3:9] = True
+    mask[1, nk - 6 :] = True
+    options = dict(key_padding_mask=mask, causal=True)
+    if gather:
+        options.update(rotary_dim=8, kv_index=torch.arange(0, nk, 2).expand(2, -1).contiguous())
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[mask], dirty_v[mask] = float("nan"), float("inf")
+    fn = emulated_fn(3, 0, tensor_cores=family == "tensor-core")
+    results = []
+    for keys, values in ((k, v), (dirty_k, dirty_v)):
+        inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
+        out, lse = fn(*inputs, **options)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, lse, *(t.grad for t in inputs)])
+    for what, clean, dirty in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
+        assert torch.equal(clean, dirty), f"{family}: {what} changed by garbage in padded keys"
+    assert not results[1][3][mask].any() and not results[1][4][mask].any()

@@ -38,7 +38,7 @@ from .common import (
     signature,
     with_head_dim,
 )
-from .launch import launch
+from .launch import alert_not_deterministic, launch
 from .rotary import sum_and_rotate
 
 
@@ -532,6 +532,11 @@ def attention_backward(
                     causal)  # fmt: skip
     plan = backward_plan(sig, scale, num_splits, grad_lse is not None, config)
     pro = plan.pro
+    if not plan.dq_split:  # dQ by float32 atomics: their order, and so dQ's rounding, varies between runs
+        alert_not_deterministic(
+            f"perceiver_kernels' Triton attention backward with head dims {pro.head_dim_qk}/{pro.head_dim_v} (dQ "
+            "by atomics above the fast path's head dims)"
+        )
     # Rows that are not gathered (kv_index) get no store: they start from zero.
     new_like = torch.empty_like if kv_index is None else torch.zeros_like
     dq, dv = torch.empty_like(q), new_like(v)

@@ -9,10 +9,13 @@ on a machine without a GPU (perceiver_kernels/bench/host.py). Outputs of skipped
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import torch
 
 _logs: list[LaunchLog] = []
 _execute = True
@@ -93,3 +96,16 @@ def _fewer_stages(error: Exception, constexprs: dict) -> bool:
         return False
     constexprs["num_stages"] = stages - 1
     return True
+
+
+def alert_not_deterministic(what: str) -> None:
+    """What PyTorch's own ops do for a path without a deterministic implementation: under
+    ``torch.use_deterministic_algorithms(True)`` raise a RuntimeError (a warning with ``warn_only=True``);
+    otherwise nothing. ``what`` names the path."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = (f"{what} does not have a deterministic implementation, but you set "
+                   "'torch.use_deterministic_algorithms(True)'")  # fmt: skip
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, stacklevel=3)
+        else:
+            raise RuntimeError(message)
