@@ -184,7 +184,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
       // A row with nothing visible yet keeps max -inf; exponentiate against 0 so that exp2(-inf) = 0.
       const float base = tile_max == -INFINITY ? 0.f : tile_max * scale_log2;
-      const float rescale = exp2f(row_max[r] * scale_log2 - base);
+      // The rescale from the difference of the maxima (FlashAttention-2's form): exactly 1 when the max does not
+      // move. exp2f(row_max * scale_log2 - base), which nvcc contracts into an FMA against the rounded base,
+      // leaves a residue there that compounds over the key tiles (lse drifts ~1e-3 at 180k keys).
+      const float rescale = tile_max == -INFINITY ? 1.f : exp2f((row_max[r] - tile_max) * scale_log2);
       row_max[r] = tile_max;
       row_sum[r] *= rescale;
 #pragma unroll

@@ -91,7 +91,7 @@ struct Types<__half> {
 #ifdef PERCEIVER_KERNELS_EMULATION
     emulator::mma_m16n8k16<__half>(c, a, b, emulator::site_of(call_site));
 #else
-    asm(
+    asm volatile(  // volatile, as CUTLASS: never moved or merged
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -113,7 +113,7 @@ struct Types<__nv_bfloat16> {
 #ifdef PERCEIVER_KERNELS_EMULATION
     emulator::mma_m16n8k16<__nv_bfloat16>(c, a, b, emulator::site_of(call_site));
 #else
-    asm(
+    asm volatile(  // volatile, as CUTLASS: never moved or merged
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])

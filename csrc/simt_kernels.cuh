@@ -159,7 +159,8 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
     // Online softmax (as in attention_fwd.cu): a row with nothing visible yet exponentiates against 0.
     tile_max = lanes_max<kLanes>(tile_max);
     const float base = tile_max == -INFINITY ? 0.f : tile_max * scale_log2;
-    const float rescale = exp2f(row_max * scale_log2 - base);
+    // From the difference of the maxima: exactly 1 when the max does not move (see attention_fwd.cuh).
+    const float rescale = tile_max == -INFINITY ? 1.f : exp2f((row_max - tile_max) * scale_log2);
     row_max = tile_max;
     row_sum *= rescale;
 #pragma unroll

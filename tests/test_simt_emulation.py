@@ -12,6 +12,7 @@ emulation cannot show (GPU rounding and fast-math, the memory model, performance
 
 import functools
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -46,8 +47,23 @@ def cuda_headers() -> Path | None:
 # LD_PRELOAD=$(c++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0): ASan bounds-checks every global
 # access of the kernels against the tensors' allocations, as compute-sanitizer's memcheck does on a GPU.
 SANITIZERS = os.environ.get("PERCEIVER_KERNELS_EMULATION_SANITIZE", "alignment")
+
+
+def host_fma_flags() -> list[str]:
+    """nvcc contracts ``a * b - c`` into one FMA by default; so does the emulation, where the host has FMA (x86-64
+    needs -mfma for it, and the CPU must have it; AArch64 always has it)."""
+    flags = ["-ffp-contract=fast"]
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpu = ""
+    if platform.machine() in ("x86_64", "AMD64") and " fma" in cpu:
+        flags.append("-mfma")
+    return flags
+
+
 EMULATION_FLAGS = ["-O2", "-std=c++20", "-Wno-attributes", "-fno-strict-aliasing", f"-fsanitize={SANITIZERS}",
-                   "-fno-sanitize-recover=all"]  # fmt: skip
+                   "-fno-sanitize-recover=all", *host_fma_flags()]  # fmt: skip
 PROBE = """#include <source_location>
 #include <ucontext.h>
 int line() { return std::source_location::current().line(); }
@@ -236,3 +252,22 @@ def test_nan_and_inf_in_padded_keys_are_ignored(family, dtype, gather):
     for what, clean, dirty in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
         assert torch.equal(clean, dirty), f"{family}: {what} changed by garbage in padded keys"
     assert not results[1][3][mask].any() and not results[1][4][mask].any()
+
+
+@pytest.mark.parametrize("family, dtype", [("simt", torch.float32), ("tensor-core", torch.float16)])
+def test_lse_does_not_drift_over_many_key_tiles(family, dtype):
+    """Every score equal (one large value), over 128 key tiles: the row maximum never moves, so the online
+    softmax's rescale must be exactly 1 every tile. Computed as exp2f(max * scale_log2 - base), an FMA (on the GPU,
+    and in this emulation where the host has FMA) leaves the rounding residue of the base, which compounds once
+    per tile; from the difference of the maxima it cannot. The lse must be the float64 one to a few ulps."""
+    load()
+    nk = 128 * 64
+    q = torch.zeros(1, 4, 1, 16, dtype=dtype)
+    q[..., 0] = 23.0
+    k = torch.zeros(1, nk, 1, 16, dtype=dtype)
+    k[..., 0] = 21.0  # every score 483: scale_log2 x 483 is far from a float32 value with a short mantissa
+    v = torch.randn(1, nk, 1, 16, dtype=dtype)
+    out, lse = emulated_fn(1, 0, tensor_cores=family == "tensor-core")(q, k, v)
+    scores = torch.full((nk,), 483.0 * 16**-0.5, dtype=torch.float64)
+    expected = torch.logsumexp(scores, 0).item()
+    assert (lse.double() - expected).abs().max().item() < 4 * torch.finfo(torch.float32).eps * abs(expected)
