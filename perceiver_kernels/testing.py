@@ -333,3 +333,41 @@ CUDA_CASES = {
         prefix_dropout=True,
     ),  # fmt: skip
 }
+
+
+def far_apart_inputs(dtype: torch.dtype, nq: int = 5, nk: int = 40, heads: int = 2, dim: int = 16, seed: int = 0):
+    """q, k, v whose second sample lies more than 2**31 elements past the first: k and v are views of one
+    uninitialised storage of ~2**31 elements (4 GiB in 16 bits, virtual: only the viewed rows are written, so
+    only their pages are ever resident). A kernel that forms ``b * batch_stride`` or a row offset in 32 bits
+    reads the wrong memory. Returns ``(q, k, v)`` (k and v leaves of autograd, requiring grad)."""
+    generator = torch.Generator().manual_seed(seed)
+    row = heads * dim
+    batch_stride = 2**31 + 64 * row  # elements: past int32, by a whole number of rows
+    storage = torch.empty(batch_stride + 2 * nk * row, dtype=dtype)
+    k, v = (
+        storage.as_strided((2, nk, heads, dim), (batch_stride, row, dim, 1), storage_offset=offset)
+        for offset in (0, nk * row)
+    )
+    for t in (k, v):
+        t.copy_(torch.randn(t.shape, generator=generator).to(dtype))
+    q = torch.randn(2, nq, heads, dim, generator=generator).to(dtype)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+
+def far_rows_inputs(dtype: torch.dtype, nq: int = 5, heads: int = 1, dim: int = 16, seed: int = 0):
+    """q, k, v and a ``kv_index`` gathering key rows more than 2**31 elements past the first (one sample; k and v
+    interleaved row by row in one uninitialised ~2**31-element storage, only the gathered rows written): a row
+    offset formed in 32 bits (row x a small row stride) reads the wrong memory. Nothing requires grad (dk and dv
+    would be as large as k and v). Returns ``(q, k, v, kv_index)``."""
+    generator = torch.Generator().manual_seed(seed)
+    row = heads * dim
+    num_rows = 2**31 // (2 * row) + 64
+    storage = torch.empty(num_rows * 2 * row, dtype=dtype)
+    k, v = (
+        storage.as_strided((1, num_rows, heads, dim), (num_rows * 2 * row, 2 * row, dim, 1), storage_offset=offset)
+        for offset in (0, row)
+    )
+    kv_index = torch.tensor([[0, 3, 7, num_rows - 60, num_rows - 33, num_rows - 1]])
+    for t in (k, v):
+        t[:, kv_index[0]] = torch.randn(1, kv_index.shape[1], heads, dim, generator=generator).to(dtype)
+    return torch.randn(1, nq, heads, dim, generator=generator).to(dtype), k, v, kv_index

@@ -8,7 +8,16 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels.ops import triton_attention
-from perceiver_kernels.testing import AR_CASES, FEATURE_CASES, AttentionCase, backend_fn, check_case, make_inputs
+from perceiver_kernels.testing import (
+    AR_CASES,
+    FEATURE_CASES,
+    AttentionCase,
+    backend_fn,
+    check_case,
+    far_apart_inputs,
+    far_rows_inputs,
+    make_inputs,
+)
 
 # float32 and float16 run everywhere; the interpreter cannot do bfloat16 dots, so bfloat16 is GPU-only.
 DTYPES = [
@@ -269,3 +278,34 @@ def test_nan_in_a_visible_key_still_propagates(device):
     v[0, 2, 0, 0] = float("nan")
     out = pk.attention(q, k, v, backend="triton", key_padding_mask=torch.zeros(1, 9, dtype=torch.bool, device=device))
     assert torch.isnan(out[..., 0]).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_samples_more_than_2_31_elements_apart(num_splits, device):
+    """64-bit offsets: k and v's second sample sits past 2**31 elements (a 4 GiB virtual storage, only the viewed
+    rows touched). Forward and every gradient equal, bitwise, those of the same values laid out contiguously."""
+    q, k, v = far_apart_inputs(torch.float16)
+    mask = torch.zeros(2, k.shape[1], dtype=torch.bool)
+    mask[1, 5:9] = True
+    fn = triton_fn(num_splits)
+    results = []
+    for inputs in ((q, k, v), [t.detach().contiguous().requires_grad_() for t in (q, k, v)]):
+        out, lse = fn(*inputs, causal=True, key_padding_mask=mask)
+        out.float().sum().backward()
+        results.append([out, lse, *(t.grad for t in inputs)])
+        q.grad = None
+    for what, far, near in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
+        assert torch.equal(far, near), f"{what} differs when the samples are 2**31 elements apart"
+
+
+def test_gathered_rows_more_than_2_31_elements_in(device):
+    """64-bit row offsets: kv_index gathers key rows past 2**31 elements (row stride 32: small, so only a 64-bit
+    row x stride product reaches them). The forward equals, bitwise, attention over the gathered rows copied. (No
+    backward: dk and dv would be as large as k and v, 2 GiB each.)"""
+    q, k, v, kv_index = far_rows_inputs(torch.float16)
+    near_k, near_v = (t[:, kv_index[0]].contiguous() for t in (k, v))
+    with torch.no_grad():
+        far = triton_fn()(q, k, v, causal=True, kv_index=kv_index)
+        near = triton_fn()(q, near_k, near_v, causal=True)
+    for what, a, b in zip(("out", "lse"), far, near, strict=True):
+        assert torch.equal(a, b), f"{what} differs when the gathered rows lie past 2**31 elements"

@@ -29,6 +29,7 @@ from perceiver_kernels.testing import (
     FEATURE_CASES,
     attention_options,
     check_case,
+    far_apart_inputs,
     make_inputs,
 )
 
@@ -271,3 +272,22 @@ def test_lse_does_not_drift_over_many_key_tiles(family, dtype):
     scores = torch.full((nk,), 483.0 * 16**-0.5, dtype=torch.float64)
     expected = torch.logsumexp(scores, 0).item()
     assert (lse.double() - expected).abs().max().item() < 4 * torch.finfo(torch.float32).eps * abs(expected)
+
+
+@pytest.mark.parametrize("family", ["simt", "tensor-core"])
+def test_samples_more_than_2_31_elements_apart(family):
+    """64-bit offsets in the CUDA kernels and their host code: as the Triton test of the same name (k and v's
+    second sample past 2**31 elements), bitwise equal to the same values laid out contiguously, with split-KV."""
+    load()
+    q, k, v = far_apart_inputs(torch.float16)
+    mask = torch.zeros(2, k.shape[1], dtype=torch.bool)
+    mask[1, 5:9] = True
+    fn = emulated_fn(3, 0, tensor_cores=family == "tensor-core")
+    results = []
+    for inputs in ((q, k, v), [t.detach().contiguous().requires_grad_() for t in (q, k, v)]):
+        out, lse = fn(*inputs, causal=True, key_padding_mask=mask)
+        out.float().sum().backward()
+        results.append([out, lse, *(t.grad for t in inputs)])
+        q.grad = None
+    for what, far, near in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
+        assert torch.equal(far, near), f"{family}: {what} differs when the samples are 2**31 elements apart"
