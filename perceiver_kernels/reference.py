@@ -128,9 +128,10 @@ def reference_attention(
         device=q.device,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
-    if num_keys == 0:  # amax over an empty axis is undefined; every row simply sees no key
-        scores = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
-        v = v.new_zeros((batch, 1, *v.shape[2:]))
+    if num_keys == 0:  # amax over an empty axis is undefined: one invisible zero key, joined (q, k, v keep their
+        # place in the graph, so their gradients are zeros, not missing)
+        scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), float("-inf"))], dim=-1)
+        v = torch.cat([v, v.new_zeros((batch, 1, *v.shape[2:]))], dim=1)
     # Stable softmax written out so that rows with no visible key give exact zeros and zero
     # gradients: torch.softmax and logsumexp would produce NaN for an all -inf row.
     row_max = scores.amax(dim=-1, keepdim=True).detach()

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzz_strategies import FUZZ_SETTINGS, cases, dtypes, failures, seeds
+from hypothesis import given
+from hypothesis import strategies as st
 
 from perceiver_kernels.ops import cuda_attention, cuda_extension
 from perceiver_kernels.ops.arguments import op_arguments
@@ -291,3 +294,17 @@ def test_samples_more_than_2_31_elements_apart(family):
         q.grad = None
     for what, far, near in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
         assert torch.equal(far, near), f"{family}: {what} differs when the samples are 2**31 elements apart"
+
+
+@FUZZ_SETTINGS
+@given(case=cases(), dtype=dtypes, num_splits=st.sampled_from([1, 3]), seed=seeds, tensor_cores=st.booleans())
+def test_fuzz_kernels_match_reference(case, dtype, num_splits, seed, tensor_cores):
+    """Property-based fuzzing (tests/fuzz_strategies.py) of both kernel families under a random schedule: forward
+    and backward against the float64 reference. Tensor cores where the op would take them (16-bit, head dims
+    multiples of 8), else the SIMT kernels."""
+    load()
+    tensor_cores = tensor_cores and takes_tensor_cores(case, dtype)
+    torch.manual_seed(seed)
+    failed = failures(check_case(case, dtype, "cpu", emulated_fn(num_splits, seed % 1000, tensor_cores)))
+    family = "tensor-core" if tensor_cores else "simt"
+    assert not failed, f"{family} {case} {dtype} splits={num_splits} seed={seed}: {failed}"
