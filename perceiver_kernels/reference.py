@@ -111,11 +111,15 @@ def reference_attention(
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.gather(1, rows)
 
-    if key_padding_mask is not None and num_keys:
-        # Padded keys are zeros, whatever their memory holds: a NaN there must not reach the output or dq
-        # through a zero probability (0 x NaN = NaN). Their gradients are zeros (masked_fill's backward).
-        padded = key_padding_mask[:, :, None, None].to(q.device)
-        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
+    ignored = key_padding_mask
+    if kv_lengths is not None and num_keys:
+        past = torch.arange(num_keys, device=q.device)[None] >= kv_lengths.to(q.device).clamp(0, num_keys)[:, None]
+        ignored = past if ignored is None else ignored.to(q.device) | past
+    if ignored is not None and num_keys:
+        # Ignored keys (padded, past kv_lengths) are zeros, whatever their memory holds: a NaN there must not reach
+        # the output or dq through a zero probability (0 x NaN = NaN). Their gradients are zeros (masked_fill's).
+        ignored = ignored[:, :, None, None].to(q.device)
+        k, v = k.masked_fill(ignored, 0), v.masked_fill(ignored, 0)
     qc = q.to(compute_dtype).expand(batch, -1, -1, -1)
     scores = torch.einsum("bqhd,bkhd->bhqk", qc, k.to(compute_dtype)) * scale  # (B, H, Nq, Nk)
     visible = visible_keys(

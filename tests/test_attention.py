@@ -225,34 +225,47 @@ def test_non_finite_lse_gradient_of_empty_rows_is_ignored(backend, device):
 
 GARBAGE_CASES = {
     "causal-split-kv": dict(nk=70, dqk=16, dv=24, causal=True, num_splits=3),
+    "kv-lengths": dict(nk=70, dqk=16, dv=24, causal=True, kv_lengths=[50, 17]),  # an uninitialised cache's tail
     "rotary-gather": dict(nk=37, dqk=16, dv=24, causal=True, rotary_dim=8, kv_index=True),
     "wide-head": dict(nk=40, dqk=261, dv=261),  # head-dim chunks: scores, dV and dQ (atomics) chunk by chunk
 }
 
 
+def ignored_rows(case: dict, mask, device):
+    """``(B, Nk)``: rows the call must ignore (padded, past kv_lengths, not gathered), and the call's options."""
+    nk = case["nk"]
+    options = dict(key_padding_mask=mask, causal=case.get("causal", False), rotary_dim=case.get("rotary_dim", 0))
+    ignored = mask.clone()
+    if "kv_lengths" in case:
+        options["kv_lengths"] = torch.tensor(case["kv_lengths"], device=device)
+        ignored |= torch.arange(nk, device=device)[None] >= options["kv_lengths"][:, None]
+    if case.get("kv_index"):
+        options["kv_index"] = torch.arange(0, nk, 2, device=device).expand(2, -1).contiguous()
+        ignored[:, 1::2] = True  # rows not gathered
+    return ignored, options
+
+
 @pytest.mark.parametrize("dtype", DTYPES[:2])
 @pytest.mark.parametrize("name", list(GARBAGE_CASES))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_nan_and_inf_in_padded_keys_are_ignored(backend, name, dtype, device):
-    """Keys marked padded may hold anything (an uninitialised buffer): NaN and Inf there leave the output,
-    the lse and every gradient bitwise equal to those of clean inputs, and the padded rows' gradients zero.
-    (A masked probability of 0 times a NaN value would otherwise spread NaN over the whole sample.)"""
-    case = dict(GARBAGE_CASES[name])
-    num_splits, nk = case.pop("num_splits", 0), case.pop("nk")
-    dqk, dv = case.pop("dqk"), case.pop("dv")
-    q = torch.randn(2, 5, 2, dqk, device=device, dtype=dtype)
-    k = torch.randn(2, nk, 2, dqk, device=device, dtype=dtype)
-    v = torch.randn(2, nk, 2, dv, device=device, dtype=dtype)
+def test_nan_and_inf_in_ignored_rows_are_ignored(backend, name, dtype, device):
+    """Rows the call ignores (keys marked padded, rows past kv_lengths, rows kv_index leaves out) may hold anything
+    (an uninitialised buffer): NaN and Inf there leave the output, the lse and every gradient bitwise equal to
+    those of clean inputs, and the ignored rows' gradients zero. (A masked probability of 0 times a NaN value would
+    otherwise spread NaN over the whole sample.)"""
+    case = GARBAGE_CASES[name]
+    nk = case["nk"]
+    q = torch.randn(2, 5, 2, case["dqk"], device=device, dtype=dtype)
+    k = torch.randn(2, nk, 2, case["dqk"], device=device, dtype=dtype)
+    v = torch.randn(2, nk, 2, case["dv"], device=device, dtype=dtype)
     mask = torch.zeros(2, nk, dtype=torch.bool, device=device)
     mask[0, 3:9] = True
     mask[1, nk - 6 :] = True  # the end of sample 1, where its causal diagonal sits
-    options = dict(key_padding_mask=mask, causal=case.pop("causal", False), rotary_dim=case.pop("rotary_dim", 0))
-    if case.pop("kv_index", False):
-        options["kv_index"] = torch.arange(0, nk, 2, device=device).expand(2, -1).contiguous()
+    ignored, options = ignored_rows(case, mask, device)
     dirty_k, dirty_v = k.clone(), v.clone()
-    dirty_k[mask], dirty_v[mask] = float("nan"), float("inf")
+    dirty_k[ignored], dirty_v[ignored] = float("nan"), float("inf")
     dirty_k[0, 4, 1], dirty_v[0, 5, 0] = float("-inf"), float("nan")
-    fn = backend_fn(triton_attention, num_splits) if backend == "triton" else None
+    fn = backend_fn(triton_attention, case.get("num_splits", 0)) if backend == "triton" else None
     results = []
     for keys, values in ((k, v), (dirty_k, dirty_v)):
         inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
@@ -264,8 +277,8 @@ def test_nan_and_inf_in_padded_keys_are_ignored(backend, name, dtype, device):
         (out.float() * weights).sum().backward()
         results.append([out, lse, *(t.grad for t in inputs)])
     for what, clean, dirty in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
-        assert torch.equal(clean, dirty), f"{what} changed by garbage in padded keys"
-    assert not results[1][3][mask].any() and not results[1][4][mask].any()
+        assert torch.equal(clean, dirty), f"{what} changed by garbage in ignored rows"
+    assert not results[1][3][ignored].any() and not results[1][4][ignored].any()
 
 
 def test_nan_in_a_visible_key_still_propagates(device):

@@ -230,10 +230,11 @@ def test_results_do_not_depend_on_thread_order(name, family):
 
 
 @pytest.mark.parametrize("family, dtype", [("simt", torch.float32), ("tensor-core", torch.float16)])
-@pytest.mark.parametrize("gather", [False, True], ids=["plain", "rotary-gather"])
-def test_nan_and_inf_in_padded_keys_are_ignored(family, dtype, gather):
-    """As the Triton test of the same name: padded keys are never loaded, so NaN/Inf there leave out, lse and every
-    gradient bitwise as for clean inputs (causal, split-KV), and the padded rows' gradients zero."""
+@pytest.mark.parametrize("layout", ["padding", "kv-lengths", "rotary-gather"])
+def test_nan_and_inf_in_ignored_rows_are_ignored(family, dtype, layout):
+    """As the Triton test of the same name: rows the call ignores (padded keys, rows past kv_lengths, rows kv_index
+    leaves out) are never loaded, so NaN/Inf there leave out, lse and every gradient bitwise as for clean inputs
+    (causal, split-KV), and those rows' gradients zero."""
     load()
     nk = 70
     q = torch.randn(2, 5, 2, 16, dtype=dtype)
@@ -241,11 +242,15 @@ def test_nan_and_inf_in_padded_keys_are_ignored(family, dtype, gather):
     mask = torch.zeros(2, nk, dtype=torch.bool)
     mask[0, 3:9] = True
     mask[1, nk - 6 :] = True
-    options = dict(key_padding_mask=mask, causal=True)
-    if gather:
+    options, ignored = dict(key_padding_mask=mask, causal=True), mask.clone()
+    if layout == "kv-lengths":
+        options["kv_lengths"] = torch.tensor([50, 17])
+        ignored |= torch.arange(nk)[None] >= options["kv_lengths"][:, None]
+    if layout == "rotary-gather":
         options.update(rotary_dim=8, kv_index=torch.arange(0, nk, 2).expand(2, -1).contiguous())
+        ignored[:, 1::2] = True
     dirty_k, dirty_v = k.clone(), v.clone()
-    dirty_k[mask], dirty_v[mask] = float("nan"), float("inf")
+    dirty_k[ignored], dirty_v[ignored] = float("nan"), float("inf")
     fn = emulated_fn(3, 0, tensor_cores=family == "tensor-core")
     results = []
     for keys, values in ((k, v), (dirty_k, dirty_v)):
@@ -254,8 +259,8 @@ def test_nan_and_inf_in_padded_keys_are_ignored(family, dtype, gather):
         (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out, lse, *(t.grad for t in inputs)])
     for what, clean, dirty in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
-        assert torch.equal(clean, dirty), f"{family}: {what} changed by garbage in padded keys"
-    assert not results[1][3][mask].any() and not results[1][4][mask].any()
+        assert torch.equal(clean, dirty), f"{family}: {what} changed by garbage in ignored rows"
+    assert not results[1][3][ignored].any() and not results[1][4][ignored].any()
 
 
 @pytest.mark.parametrize("family, dtype", [("simt", torch.float32), ("tensor-core", torch.float16)])
