@@ -33,9 +33,9 @@ def test_context_parallel_training_has_the_single_process_losses(tmp_path):
     dropout (which is drawn per shard) every step's loss is the single-process run's with the same seed."""
     steps, saved = 4, tmp_path / "losses.json"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(EXAMPLE), "--context-parallel",
-        "2", "--device", "cpu", "--backend", "reference", "--prefix-dropout", "0", "--steps", str(steps),
-        "--save-losses", str(saved),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE),
+        "--context-parallel", "2", "--device", "cpu", "--backend", "reference", "--prefix-dropout", "0",
+        "--steps", str(steps), "--save-losses", str(saved),
     ]  # fmt: skip
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]

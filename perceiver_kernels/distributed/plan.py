@@ -55,7 +55,7 @@ class ShardPlan:
             raise ValueError(f"tail must be an int in [0, length={length}], got {tail!r}")
         sizes = split_evenly(length, world_size)[::-1]  # the smaller shares first: the tail rank has more work
         if sizes[-1] < tail:
-            sizes = [*split_evenly(length - tail, world_size - 1), tail] if world_size > 1 else [length]
+            sizes = [*split_evenly(length - tail, world_size - 1)[::-1], tail] if world_size > 1 else [length]
         return cls(tuple(sizes), rank, group)
 
     @classmethod

@@ -143,7 +143,11 @@ def sharded_attention(
     Returns:
         ``out (B, Nq, H, Dv)`` in q's dtype (and ``lse (B, H, Nq)`` float32), the same on every rank.
     """
-    rank, world = _world(group)
+    rank, _ = _world(group)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"sharded_attention: {name} must be a (batch, rows, heads, head_dim) tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")  # fmt: skip
     attended = k.shape[1] if kv_index is None else kv_index.shape[1]
     num_queries = q.shape[1]
     if causal and kv_lengths is not None:
@@ -199,11 +203,12 @@ def _exchange_layout(q: Tensor, k: Tensor, v: Tensor, attended: int, options: tu
     causal, scale, rotary_dim, rotary_base, interleaved = options
     dtype_code = lambda t: _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1  # noqa: E731
     fields = [
-        attended, *q.shape, k.shape[-1], v.shape[-1], dtype_code(q), dtype_code(k), dtype_code(v),
-        causal, -1.0 if scale is None else scale, rotary_dim, rotary_base, interleaved,
+        attended, *q.shape, k.shape[0], k.shape[2], k.shape[3], v.shape[0], v.shape[2], v.shape[3], dtype_code(q),
+        dtype_code(k), dtype_code(v), causal, -1.0 if scale is None else scale, rotary_dim, rotary_base, interleaved,
     ]  # fmt: skip
-    names = ["keys", "q batch", "Nq", "heads", "Dqk", "Dqk of k", "Dv", "q dtype", "k dtype", "v dtype", "causal",
-             "scale", "rotary_dim", "rotary_base", "rotary_interleaved"]  # fmt: skip
+    names = ["keys", "q batch", "Nq", "heads", "Dqk", "k batch", "k heads", "Dqk of k", "v batch", "v heads", "Dv",
+             "q dtype", "k dtype", "v dtype", "causal", "scale", "rotary_dim", "rotary_base",
+             "rotary_interleaved"]  # fmt: skip
     checksum = [0.0, 0.0]
     if value_checks_enabled() and not q.is_meta:
         q64 = q.detach().double()
