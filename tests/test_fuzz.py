@@ -49,9 +49,11 @@ def valid_call():
 WRONG = {
     "q": [torch.randn(2, 3, 8), torch.randn(3, 3, 2, 8), torch.randn(2, 3, 2, 9), torch.randn(2, 3, 2, 8).int(),
           torch.randn(2, 3, 2, 8, dtype=torch.complex64), "q"],
-    "k": [torch.randn(2, 5, 3, 8), torch.randn(2, 5, 2, 7), torch.randn(2, 5, 2, 8).half(), torch.randn(5, 2, 8)],
+    "k": [torch.randn(2, 5, 3, 8), torch.randn(2, 5, 2, 7), torch.randn(2, 5, 2, 8).half(), torch.randn(5, 2, 8),
+          torch.randn(2, 5, 2, 8, device="meta")],  # another device
     "v": [torch.randn(2, 6, 2, 8), torch.randn(2, 5, 3, 8), torch.randn(2, 5, 2, 8).double(), None],
-    "key_padding_mask": [torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 5), torch.zeros(3, 5, dtype=torch.bool)],
+    "key_padding_mask": [torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 5), torch.zeros(3, 5, dtype=torch.bool),
+                         torch.zeros(2, 5, dtype=torch.bool, device="meta")],
     "kv_lengths": [torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0]), torch.tensor([-1, 2]), torch.tensor([1, 9])],
     "scale": ["x", float("nan"), float("inf")],
     "causal": ["yes", 2],
@@ -72,3 +74,40 @@ def test_wrong_arguments_raise_value_or_type_errors_naming_them(data):
     with pytest.raises((ValueError, TypeError)) as error:
         pk.attention(**call)
     assert name in str(error.value) or (name in "qkv" and any(n in str(error.value) for n in "qkv")), error.value
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_random_shapes_are_accepted_exactly_when_the_contract_allows_them(data):
+    """Random shapes of q, k and v (one axis of one tensor changed, or a dim dropped or added): a call either runs
+    or raises a ValueError naming q, k or v; it runs exactly when the shapes meet the contract (k and v: the same
+    batch and rows; q: their batch or 1; all: the same heads; q and k: the same head dim)."""
+    dims = {name: data.draw(st.integers(1, 4), label=name) for name in ("B", "Nq", "Nk", "H", "D", "Dv")}
+    shapes = {
+        "q": [dims["B"], dims["Nq"], dims["H"], dims["D"]],
+        "k": [dims["B"], dims["Nk"], dims["H"], dims["D"]],
+        "v": [dims["B"], dims["Nk"], dims["H"], dims["Dv"]],
+    }
+    name = data.draw(st.sampled_from("qkv"), label="tensor")
+    change = data.draw(st.sampled_from(["axis", "drop", "add"]), label="change")
+    if change == "axis":
+        shapes[name][data.draw(st.integers(0, 3), label="axis")] = data.draw(st.integers(1, 5), label="size")
+    elif change == "drop":
+        del shapes[name][data.draw(st.integers(0, 3), label="axis")]
+    else:
+        shapes[name].insert(data.draw(st.integers(0, 4), label="axis"), 2)
+    q, k, v = (torch.randn(shapes[n]) for n in "qkv")
+    valid = (
+        all(t.dim() == 4 for t in (q, k, v))
+        and k.shape[:2] == v.shape[:2]
+        and q.shape[0] in (1, k.shape[0])
+        and q.shape[2] == k.shape[2] == v.shape[2]
+        and q.shape[3] == k.shape[3]
+    )
+    if valid:
+        out = pk.attention(q, k, v, backend="reference")
+        assert out.shape == (k.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    else:
+        with pytest.raises(ValueError) as error:
+            pk.attention(q, k, v, backend="reference")
+        assert any(n in str(error.value) for n in ("q", "k", "v")), error.value
