@@ -198,6 +198,16 @@ def backend_fn(run, num_splits: int = 0, scale: float | None = None):
     return fn
 
 
+def forward_backward(fn, q: Tensor, k: Tensor, v: Tensor, **options) -> list[Tensor]:
+    """``[out, lse, dq, dk, dv]`` of one call ``fn(q, k, v, **options) -> (out, lse)`` on new leaves of q, k and v
+    (detached views: same memory and strides), backpropagating a fixed ramp of weights through out (for tests
+    that compare whole runs bitwise)."""
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*inputs, **options)
+    (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
+    return [out, lse, *(t.grad for t in inputs)]
+
+
 def attention_options(inputs: dict) -> dict:
     """The keyword arguments of ``pk.attention`` among :func:`make_inputs`' entries (masks, rotary, kv_index)."""
     names = ("causal", "key_padding_mask", "kv_lengths", "rotary_dim", "rotary_interleaved", "q_positions",

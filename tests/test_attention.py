@@ -1,5 +1,6 @@
 """The Triton backend against the float64 reference: forward, lse and all three gradients."""
 
+import functools
 import itertools
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from perceiver_kernels.testing import (
     check_case,
     far_apart_inputs,
     far_rows_inputs,
+    forward_backward,
     make_inputs,
 )
 
@@ -265,17 +267,11 @@ def test_nan_and_inf_in_ignored_rows_are_ignored(backend, name, dtype, device):
     dirty_k, dirty_v = k.clone(), v.clone()
     dirty_k[ignored], dirty_v[ignored] = float("nan"), float("inf")
     dirty_k[0, 4, 1], dirty_v[0, 5, 0] = float("-inf"), float("nan")
-    fn = backend_fn(triton_attention, case.get("num_splits", 0)) if backend == "triton" else None
-    results = []
-    for keys, values in ((k, v), (dirty_k, dirty_v)):
-        inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
-        if fn is None:
-            out, lse = pk.attention(*inputs, backend="reference", return_lse=True, **options)
-        else:
-            out, lse = fn(*inputs, **options)
-        weights = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
-        (out.float() * weights).sum().backward()
-        results.append([out, lse, *(t.grad for t in inputs)])
+    if backend == "triton":
+        fn = backend_fn(triton_attention, case.get("num_splits", 0))
+    else:
+        fn = functools.partial(pk.attention, backend="reference", return_lse=True)
+    results = [forward_backward(fn, q, keys, values, **options) for keys, values in ((k, v), (dirty_k, dirty_v))]
     for what, clean, dirty in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
         assert torch.equal(clean, dirty), f"{what} changed by garbage in ignored rows"
     assert not results[1][3][ignored].any() and not results[1][4][ignored].any()
@@ -300,13 +296,9 @@ def test_samples_more_than_2_31_elements_apart(num_splits, device):
     q, k, v = far_apart_inputs(torch.float16)
     mask = torch.zeros(2, k.shape[1], dtype=torch.bool)
     mask[1, 5:9] = True
-    fn = triton_fn(num_splits)
-    results = []
-    for inputs in ((q, k, v), [t.detach().contiguous().requires_grad_() for t in (q, k, v)]):
-        out, lse = fn(*inputs, causal=True, key_padding_mask=mask)
-        out.float().sum().backward()
-        results.append([out, lse, *(t.grad for t in inputs)])
-        q.grad = None
+    near = [t.detach().contiguous() for t in (q, k, v)]
+    results = [forward_backward(triton_fn(num_splits), *inputs, causal=True, key_padding_mask=mask)
+               for inputs in ((q, k, v), near)]  # fmt: skip
     for what, far, near in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
         assert torch.equal(far, near), f"{what} differs when the samples are 2**31 elements apart"
 

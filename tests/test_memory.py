@@ -7,10 +7,9 @@ import tracemalloc
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import perceiver_kernels as pk
+from perceiver_kernels.bench.host import CountAllocations
 from perceiver_kernels.kernels.attention_fwd import attention_forward
 from perceiver_kernels.kernels.launch import record_launches
 
@@ -60,22 +59,6 @@ def test_a_long_loop_of_training_calls_does_not_grow(backend, device):
     assert grown < 64 * 1024, f"Python allocations grew by {grown} bytes over 6 calls"
 
 
-class AllocatedBytes(TorchDispatchMode):
-    """Bytes of the fresh storages ATen ops create (views and in-place results excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        given = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in given:
-                self.bytes += t.untyped_storage().nbytes()
-        return out
-
-
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_forward_allocates_out_lse_and_split_partials(num_splits, dtype):
@@ -84,7 +67,7 @@ def test_the_forward_allocates_out_lse_and_split_partials(num_splits, dtype):
     batch, nq, nk, heads, dqk, dv = 2, 7, 300, 3, 32, 48
     q = torch.randn(batch, nq, heads, dqk, dtype=dtype)
     k, v = torch.randn(batch, nk, heads, dqk, dtype=dtype), torch.randn(batch, nk, heads, dv, dtype=dtype)
-    with record_launches(execute=False) as log, AllocatedBytes() as allocated:
+    with record_launches(execute=False) as log, CountAllocations() as allocated:
         attention_forward(q, k, v, None, None, None, None, None, 0, True, False, dqk**-0.5, num_splits)
     rows = batch * nq * heads
     expected = rows * dv * q.element_size() + rows * 4

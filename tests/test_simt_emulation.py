@@ -33,6 +33,7 @@ from perceiver_kernels.testing import (
     attention_options,
     check_case,
     far_apart_inputs,
+    forward_backward,
     make_inputs,
 )
 
@@ -252,12 +253,7 @@ def test_nan_and_inf_in_ignored_rows_are_ignored(family, dtype, layout):
     dirty_k, dirty_v = k.clone(), v.clone()
     dirty_k[ignored], dirty_v[ignored] = float("nan"), float("inf")
     fn = emulated_fn(3, 0, tensor_cores=family == "tensor-core")
-    results = []
-    for keys, values in ((k, v), (dirty_k, dirty_v)):
-        inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
-        out, lse = fn(*inputs, **options)
-        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append([out, lse, *(t.grad for t in inputs)])
+    results = [forward_backward(fn, q, keys, values, **options) for keys, values in ((k, v), (dirty_k, dirty_v))]
     for what, clean, dirty in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
         assert torch.equal(clean, dirty), f"{family}: {what} changed by garbage in ignored rows"
     assert not results[1][3][ignored].any() and not results[1][4][ignored].any()
@@ -291,12 +287,8 @@ def test_samples_more_than_2_31_elements_apart(family):
     mask = torch.zeros(2, k.shape[1], dtype=torch.bool)
     mask[1, 5:9] = True
     fn = emulated_fn(3, 0, tensor_cores=family == "tensor-core")
-    results = []
-    for inputs in ((q, k, v), [t.detach().contiguous().requires_grad_() for t in (q, k, v)]):
-        out, lse = fn(*inputs, causal=True, key_padding_mask=mask)
-        out.float().sum().backward()
-        results.append([out, lse, *(t.grad for t in inputs)])
-        q.grad = None
+    near = [t.detach().contiguous() for t in (q, k, v)]
+    results = [forward_backward(fn, *inputs, causal=True, key_padding_mask=mask) for inputs in ((q, k, v), near)]
     for what, far, near in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
         assert torch.equal(far, near), f"{family}: {what} differs when the samples are 2**31 elements apart"
 

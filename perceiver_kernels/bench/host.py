@@ -99,18 +99,21 @@ HOST_CASES = (
 
 
 class CountAllocations(TorchDispatchMode):
-    """Counts the tensors ATen ops create with fresh storage (views and in-place results excluded)."""
+    """Counts the tensors ATen ops create with fresh storage (views and in-place results excluded), and their
+    bytes."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         given = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-        self.count += sum(
-            1 for t in tree_leaves(out) if isinstance(t, Tensor) and t.untyped_storage()._cdata not in given
-        )
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.untyped_storage()._cdata not in given:
+                self.count += 1
+                self.bytes += t.untyped_storage().nbytes()
         return out
 
 
