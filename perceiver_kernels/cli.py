@@ -235,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="the benchmark suite: ours vs SDPA, FlexAttention and naive attention")
     bench.add_argument(
         "--suite",
-        choices=("perceiver", "quick", "host", "sharded"),
-        help="default: perceiver on a GPU, quick on CPU; host: per-call host overhead (any device); sharded: keys "
-        "split across ranks (traffic, the split's cost; gloo processes on CPU)",
+        choices=("perceiver", "quick", "blocks", "host", "sharded"),
+        help="default: perceiver on a GPU, quick on CPU; blocks: the shared-block execution modes on a CPU-sized "
+        "encoder; host: per-call host overhead (any device); sharded: keys split across ranks (traffic, the "
+        "split's cost; gloo processes on CPU)",
     )
     bench.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both")
     bench.add_argument("--out", help="folder for bench.json, bench.txt, bench.md and the PNG plots")
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--shapes",
         type=_names,
-        help="comma-separated subset of the suite's shapes and model entries (shared-blocks, model-ar-train)",
+        help="comma-separated subset of the suite's shapes and model entries (shared-blocks, model-ar-train, ...)",
     )
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     bench.add_argument(

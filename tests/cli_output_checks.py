@@ -64,10 +64,12 @@ def check_bench_output(stdout: str, out_dir: Path) -> None:
         ("quick-model-ar-train", "reference", 2),
         ("quick-model-ar-train", "sdpa", 2),
         ("quick-model-ar-train", "triton", 2),
-        ("quick-shared-blocks", "module-reuse", 1),
-        ("quick-shared-blocks", "module-reuse", 2),
-        ("quick-shared-blocks", "shared-chain", 1),
-        ("quick-shared-blocks", "shared-chain", 2),
+        ("quick-shared-blocks", "checkpointing", 1),
+        ("quick-shared-blocks", "checkpointing", 2),
+        ("quick-shared-blocks", "recompute", 1),
+        ("quick-shared-blocks", "recompute", 2),
+        ("quick-shared-blocks", "reuse", 1),
+        ("quick-shared-blocks", "reuse", 2),
     ]
     for r in model_rows.values():
         assert r["status"] == "ok" and r["mode"] == "fwd+bwd" and r["ms"] > 0 and r["throughput"] > 0, r

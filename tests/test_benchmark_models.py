@@ -42,8 +42,8 @@ class ARWithoutTriton(ARTrain):
 QUICK_SHARED, QUICK_AR = QUICK_MODELS
 AR_FAST = ARWithoutTriton(QUICK_AR.name, QUICK_AR.batches, QUICK_AR.config, note=QUICK_AR.note)
 RESULT_KEYS = {"shape", "provider", "ours", "mode", "kind", "batch", "status", "ms", "p20_ms", "p80_ms",
-               "first_call_s", "peak_mib", "throughput", "throughput_unit", "loss", "best_other", "speedup",
-               "peak_ratio"}  # fmt: skip
+               "first_call_s", "peak_mib", "kept_mib", "throughput", "throughput_unit", "loss", "best_other",
+               "speedup", "peak_ratio"}  # fmt: skip
 
 
 def loss_and_grads(model, name, tokens, pad_mask=None):
@@ -112,11 +112,21 @@ def test_attention_variant_is_restored_even_on_error():
 def test_entries_and_their_configurations():
     assert [m.name for m in MODEL_SUITES["perceiver"]] == ["shared-blocks", "model-ar-train"]
     assert [m.name for m in MODEL_SUITES["quick"]] == ["quick-shared-blocks", "quick-model-ar-train"]
+    assert [m.name for m in MODEL_SUITES["blocks"]] == ["medium-shared-blocks"]
     assert not set(MODELS) & set(SHAPES)  # one namespace with the attention shapes
     shared, ar = PERCEIVER_MODELS
     assert (shared.num_latents, shared.num_latent_channels, shared.num_heads) == (512, 1024, 8)
-    assert (shared.layers_per_block, shared.num_blocks, shared.batches) == (6, 8, (1, 4, 16))
+    assert (shared.layers_per_block, shared.blocks, shared.batches) == (6, (2, 4, 8), (1, 4, 16))
     assert "4096 x 261 input (real model: 50176)" in shared.describe()
+    assert [v.name for v in shared.ordered_variants()] == ["reuse", "checkpointing", "recompute"]
+    assert shared.variant("recompute").rival == "checkpointing" and shared.as_dict()["rivals"] == {
+        "recompute": "checkpointing"
+    }
+    assert shared.sizes()[:4] == [{"blocks": 2, "batch": 1}, {"blocks": 2, "batch": 4}, {"blocks": 2, "batch": 16},
+                                  {"blocks": 4, "batch": 1}]  # fmt: skip
+    medium = MODEL_SUITES["blocks"][0]
+    assert (medium.num_latents, medium.num_latent_channels, medium.layers_per_block) == (128, 256, 4)
+    assert (medium.blocks, medium.batches, medium.backend) == ((2, 4, 8), (1, 4, 16), "reference")
     c = ar.config
     assert (c.vocab_size, c.max_seq_len, c.max_latents, c.num_channels, c.num_heads) == (262, 4096, 512, 512, 8)
     assert (c.num_self_attention_layers, c.cross_attention_dropout, ar.batches) == (8, 0.5, (24,))
@@ -127,8 +137,9 @@ def test_entries_and_their_configurations():
 
 def test_a_step_checks_dropout_rows_and_gradients():
     """Every variant's first step draws the same prefix-dropout rows (seeded), and fills every gradient."""
-    model = QUICK_AR.build(CPU, torch.float32)
-    checks = [first_step(QUICK_AR.step(model, QUICK_AR.variant("reference"), 2, CPU), CPU)[0] for _ in range(2)]
+    model = QUICK_AR.build(CPU, torch.float32, {"batch": 2})
+    size = {"batch": 2}
+    checks = [first_step(QUICK_AR.step(model, QUICK_AR.variant("reference"), size, CPU), CPU)[0] for _ in range(2)]
     assert checks[0].loss == checks[1].loss and torch.equal(checks[0].output, checks[1].output)
     assert all(g is not None for g in checks[0].grads)
     assert models.relative_l2(checks[0].grads, checks[1].grads) == 0.0
@@ -146,23 +157,31 @@ def test_model_rows(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
     rows = {(r["shape"], r["provider"], r["batch"]): r for r in results["rows"]}
     assert list(rows) == [
-        ("quick-shared-blocks", "module-reuse", 1),  # the anchor first, at every batch
-        ("quick-shared-blocks", "shared-chain", 1),
-        ("quick-shared-blocks", "module-reuse", 2),
-        ("quick-shared-blocks", "shared-chain", 2),
+        ("quick-shared-blocks", "reuse", 1),  # the anchor first, at every size
+        ("quick-shared-blocks", "checkpointing", 1),
+        ("quick-shared-blocks", "recompute", 1),
+        ("quick-shared-blocks", "reuse", 2),
+        ("quick-shared-blocks", "checkpointing", 2),
+        ("quick-shared-blocks", "recompute", 2),
         ("quick-model-ar-train", "reference", 2),
         ("quick-model-ar-train", "sdpa", 2),
     ]
     for r in rows.values():
         assert r["status"] == "ok" and RESULT_KEYS <= set(r), r
-        assert r["kind"] == "model" and r["mode"] == "fwd+bwd" and r["peak_mib"] is None  # no peak on CPU
+        assert r["kind"] == "model" and r["mode"] == "fwd+bwd"
+        if r["provider"] != "sdpa":  # under the CPU tracker (a dispatch mode) SDPA's CausalBias cannot be made
+            assert 0 < r["kept_mib"] < r["peak_mib"]  # measured on CPU too (timing.LiveBytes)
         assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["first_call_s"] > 0
         if r.get("anchor"):
             assert "agrees" not in r
         else:
             assert r["agrees"] and r["max_rel_diff"] < 1e-4 and r["grad_rel_diff"] < 1e-4 and r["checked_against"]
-    shared = rows[("quick-shared-blocks", "shared-chain", 2)]
-    assert shared["ours"] and shared["best_other"] == "module-reuse" and shared["speedup"] > 0
+    shared = rows[("quick-shared-blocks", "recompute", 2)]
+    assert shared["blocks"] == 2 and shared["rival"] == "checkpointing"
+    assert shared["ours"] and shared["best_other"] == "checkpointing" and shared["speedup"] > 0  # its rival
+    reuse, checkpointing = rows[("quick-shared-blocks", "reuse", 2)], rows[("quick-shared-blocks", "checkpointing", 2)]
+    assert shared["kept_mib"] == checkpointing["kept_mib"] < reuse["kept_mib"]  # exact: bytes of storage
+    assert shared["peak_ratio"] == pytest.approx(shared["peak_mib"] / checkpointing["peak_mib"])
     assert shared["throughput"] == pytest.approx(2 / shared["ms"] * 1e3) and shared["throughput_unit"] == "samples/s"
     assert shared["loss"] is None
     ar = rows[("quick-model-ar-train", "sdpa", 2)]
@@ -170,14 +189,14 @@ def test_model_rows(monkeypatch, tmp_path):
     assert ar["loss"] == pytest.approx(rows[("quick-model-ar-train", "reference", 2)]["loss"], rel=1e-5)
     assert ar["loss_rel_diff"] < 1e-5 and "loss_rel_diff" not in shared
     records = {s["name"]: s for s in results["shapes"]}
-    assert records["quick-shared-blocks"]["anchor"] == "module-reuse" and records["quick-shared-blocks"]["batches"]
+    assert records["quick-shared-blocks"]["anchor"] == "reuse" and records["quick-shared-blocks"]["batches"]
 
     text = report.text_report(results)
     assert "== quick-shared-blocks: PerceiverEncoder 16 latents x 64 ch" in text
     assert "== quick-model-ar-train: CausalSequenceModel" in text and "latent tok/s" in text
-    assert "shared-chain (ours)" in text and "module-reuse *" in text
+    assert "recompute (ours)" in text and "reuse *" in text and "L2 B2" in text
     md = report.markdown_summary(results)
-    assert md.count("| quick-shared-blocks |") == 4 and md.count("| quick-model-ar-train |") == 2
+    assert md.count("| quick-shared-blocks |") == 6 and md.count("| quick-model-ar-train |") == 2
     names = sorted(p.name for p in report.write_outputs(results, tmp_path))
     assert names == ["bench.md", "bench.txt", "model-quick-model-ar-train.png", "model-quick-shared-blocks.png"]
 
@@ -192,15 +211,15 @@ def test_wrong_variants_are_flagged(monkeypatch, tmp_path):
     wrong = rows[("quick-model-ar-train", "sdpa")]
     assert wrong["status"] == "wrong" and not wrong["agrees"] and "differs from reference" in wrong["reason"]
     assert rows[("quick-model-ar-train", "reference")]["best_other"] == "reference"  # not the wrong one
-    error = rows[("quick-shared-blocks", "shared-chain")]
-    assert error["status"] == "error" and "differs from module-reuse" in error["reason"]
+    error = rows[("quick-shared-blocks", "recompute")]
+    assert error["status"] == "error" and "differs from reuse" in error["reason"]
 
 
 def test_time_budget_skips_model_rows(monkeypatch, tmp_path):
     built = []
     monkeypatch.setattr(type(QUICK_SHARED), "build", lambda *args: built.append(args))
     results = run_models(monkeypatch, tmp_path, [QUICK_SHARED], time_budget_s=0.0)
-    assert len(results["rows"]) == 4 and not built  # nothing is built once the budget is spent
+    assert len(results["rows"]) == 6 and not built  # nothing is built once the budget is spent
     assert all(r["status"] == "skipped" and r["reason"] == "time budget spent" for r in results["rows"])
     assert "skipped (time budget spent)" in report.text_report(results)
 
@@ -212,19 +231,25 @@ def test_only_forward_runs_no_model_row(monkeypatch, tmp_path):
 
 
 def gpu_like_results():
-    """What a GPU run's model rows look like (peak memory measured), next to one attention row."""
+    """What a GPU run's model rows look like, next to one attention row."""
     rows = [{"shape": "s", "provider": "triton", "ours": True, "mode": "fwd", "status": "ok", "ms": 1.0,
              "tflops": 1.0, "p20_ms": 0.9, "p80_ms": 1.1}]  # fmt: skip
-    for batch, (plain_ms, shared_ms, plain_mib, shared_mib) in {1: (10, 12, 900, 300), 4: (40, 44, 3600, 1000)}.items():
-        for provider, ours, ms, mib in (("module-reuse", False, plain_ms, plain_mib), ("shared-chain", True, shared_ms,
-                                                                                      shared_mib)):  # fmt: skip
+    measured = {  # batch: (ms, peak MiB) of reuse, checkpointing, recompute
+        1: ((10, 900), (13, 300), (12, 300)),
+        4: ((40, 3600), (46, 1100), (44, 1000)),
+    }
+    for batch, cells in measured.items():
+        for (provider, ours), (ms, mib) in zip((("reuse", False), ("checkpointing", False), ("recompute", True)), cells,
+                                               strict=True):  # fmt: skip
             rows.append({
                 "shape": "shared-blocks", "provider": provider, "ours": ours, "mode": "fwd+bwd", "kind": "model",
-                "batch": batch, "status": "ok", "ms": ms, "p20_ms": ms, "p80_ms": ms, "first_call_s": 1.0,
-                "peak_mib": mib, "throughput": batch / ms * 1e3, "throughput_unit": "samples/s", "loss": None,
+                "blocks": 8, "batch": batch, "status": "ok", "ms": ms, "p20_ms": ms, "p80_ms": ms, "first_call_s": 1.0,
+                "peak_mib": mib, "kept_mib": mib / 3, "throughput": batch / ms * 1e3, "throughput_unit": "samples/s",
+                "loss": None, **({"rival": "checkpointing"} if ours else {}),
             })  # fmt: skip
-    rows.append({"shape": "shared-blocks", "provider": "shared-chain", "ours": True, "mode": "fwd+bwd",
-                 "kind": "model", "batch": 16, "status": "n/a", "reason": "out of device memory"})  # fmt: skip
+    rows.append({"shape": "shared-blocks", "provider": "recompute", "ours": True, "mode": "fwd+bwd", "kind": "model",
+                 "blocks": 8, "batch": 16, "status": "n/a", "reason": "out of device memory",
+                 "rival": "checkpointing"})  # fmt: skip
     return {
         "schema": 1, "suite": "perceiver", "timestamp": "2026-11-26T00:00:00Z", "dtype": "bfloat16",
         "versions": {"torch": "x", "triton": "y"}, "git": {"sha": "abc"},
@@ -240,17 +265,22 @@ def test_model_report_with_peak_memory(tmp_path):
     results = gpu_like_results()
     report.add_speedups(results)
     by_key = {(r["shape"], r["provider"], r.get("batch")): r for r in results["rows"]}
-    shared = by_key[("shared-blocks", "shared-chain", 4)]
-    assert shared["best_other"] == "module-reuse"  # per batch: batch 1's rows are another group
-    assert shared["speedup"] == pytest.approx(40 / 44) and shared["peak_ratio"] == pytest.approx(1000 / 3600)
-    assert by_key[("shared-blocks", "module-reuse", 1)]["peak_ratio"] == pytest.approx(1.0)
+    shared = by_key[("shared-blocks", "recompute", 4)]
+    assert shared["best_other"] == "checkpointing"  # its rival, not the fastest other (reuse); per size
+    assert shared["speedup"] == pytest.approx(46 / 44) and shared["peak_ratio"] == pytest.approx(1000 / 1100)
+    checkpointing = by_key[("shared-blocks", "checkpointing", 4)]
+    assert checkpointing["best_other"] == "reuse" and checkpointing["peak_ratio"] == pytest.approx(1100 / 3600)
+    assert by_key[("shared-blocks", "reuse", 1)]["peak_ratio"] == pytest.approx(1.0)
     assert by_key[("s", "triton", None)]["speedup"] is None and "peak_ratio" not in by_key[("s", "triton", None)]
-    assert by_key[("shared-blocks", "shared-chain", 16)]["speedup"] is None
+    assert by_key[("shared-blocks", "recompute", 16)]["speedup"] is None
     text = report.text_report(results)
-    assert "0.28" in text and "0.91x" in text and "n/a (out of device memory)" in text
+    assert "0.91" in text and "1.05x" in text and "n/a (out of device memory)" in text and "L8 B4" in text
     md = report.markdown_summary(results)
     assert md.splitlines()[2].startswith("| s | fwd | triton |")  # the attention table is unchanged
-    assert "| shared-blocks | 4 | shared-chain (ours) | 44.000 | 90.9 samples/s | 1000 | 0.91x | 0.28 |" in md
+    assert (
+        "| shared-blocks | L8 B4 | recompute (ours) | 44.000 | 90.9 samples/s | 333.3 | 1000.0 | checkpointing "
+        "| 1.05x | 0.91 |" in md
+    )
     names = {p.name for p in report.write_outputs(results, tmp_path)}
     assert names == {"bench.txt", "bench.md", "shape-s.png", "summary.png", "model-shared-blocks.png"}
     assert (tmp_path / "model-shared-blocks.png").stat().st_size > 1000

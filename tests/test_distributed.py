@@ -143,11 +143,12 @@ def test_bad_layouts_raise_on_every_rank():
 
 
 MODEL_CASES = [
-    dict(model="io", wrap="ddp", backend="reference"),
-    dict(model="io", wrap="ddp", backend="reference", shared_block_execution=False, activation_checkpointing=True),
+    dict(model="io", wrap="ddp", backend="reference", shared_block_execution="recompute"),
+    dict(model="io", wrap="ddp", backend="reference", activation_checkpointing=True),
+    dict(model="io", wrap="fsdp-layers", backend="reference", shared_block_execution="recompute"),  # per-layer units
     dict(model="io", wrap="fsdp", backend="reference", activation_checkpointing=True),
     dict(model="io", wrap="fsdp", backend="reference", length=1),  # one context rank holds no input at all
-    dict(model="io", wrap="fsdp-bf16", backend="reference"),
+    dict(model="io", wrap="fsdp-bf16", backend="reference", shared_block_execution="recompute"),
     dict(model="ar", wrap="ddp", backend="reference"),
     dict(model="ar", wrap="fsdp", backend="reference", activation_checkpointing=True),
     dict(model="ar", wrap="fsdp-bf16", backend="reference", length=13),

@@ -99,14 +99,29 @@ def test_a_config_describes_the_model():
 
 
 def test_run_time_switches_update_the_config():
-    """``shared_block_execution`` can be switched on a built model (the config follows); what built its
-    modules (sizes, and activation checkpointing, which its blocks hold) cannot."""
-    encoder = make_encoder(num_self_attention_blocks=2)
-    encoder.shared_block_execution = False
-    assert not encoder.config.shared_block_execution
-    for name, value in (("num_self_attention_blocks", 3), ("activation_checkpointing", True)):
-        with pytest.raises(AttributeError):
-            setattr(encoder, name, value)
+    """``shared_block_execution`` and ``activation_checkpointing`` can be switched on a built encoder (the
+    config and the blocks follow); what built its modules (sizes) cannot."""
+    encoder = make_encoder(num_self_attention_blocks=2, first_self_attention_block_shared=False)
+    assert encoder.shared_block_execution == "reuse" and not encoder.activation_checkpointing  # the defaults
+    encoder.shared_block_execution = "recompute"
+    assert encoder.config.shared_block_execution == "recompute"
+    encoder.activation_checkpointing = True
+    assert encoder.config.activation_checkpointing
+    assert encoder.self_attn_1.activation_checkpointing and encoder.self_attn_n.activation_checkpointing
+    with pytest.raises(AttributeError):
+        encoder.num_self_attention_blocks = 3
+
+
+def test_shared_block_execution_values():
+    """The mode is a name; booleans (the switch's earlier form) map to the two modes; anything else is refused
+    with the field's name."""
+    assert EncoderConfig(shared_block_execution=True).shared_block_execution == "recompute"
+    assert EncoderConfig(shared_block_execution=False) == EncoderConfig()
+    for bad in ("checkpoint", 1, None):
+        with pytest.raises(ValueError, match="shared_block_execution must be one of 'reuse', 'recompute'"):
+            EncoderConfig(shared_block_execution=bad)
+    with pytest.raises(ValueError, match="shared_block_execution"):
+        make_encoder().shared_block_execution = "fast"
 
 
 def test_ar_models_take_their_config():
@@ -198,7 +213,7 @@ def test_encoder_order_and_sharing(cross_layers, blocks, first_shared):
     enc = make_encoder(
         num_cross_attention_layers=cross_layers, num_self_attention_blocks=blocks,
         first_cross_attention_layer_shared=first_shared, first_self_attention_block_shared=first_shared,
-        shared_block_execution=False,
+        shared_block_execution="reuse",
     )  # fmt: skip
     calls = []
     names = {"cross_attn_1": "CA1", "cross_attn_n": "CAn", "self_attn_1": "SA1", "self_attn_n": "SAn"}
@@ -240,10 +255,12 @@ def test_multi_head_attention_matches_perceiver_io_formula():
     torch.testing.assert_close(mha(x_q, x_kv, pad_mask=pad), expected)
 
 
-@pytest.mark.parametrize("blocks, first_shared", [(1, True), (2, True), (4, True), (2, False), (4, False)])
+@pytest.mark.parametrize("blocks, first_shared", [(1, True), (3, True), (3, False)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_encoder_shared_block_execution_matches_plain_reuse(blocks, first_shared, dropout, monkeypatch):
-    """The weight-shared executor gives the gradients of plain module reuse (dropout masks replayed)."""
+def test_encoder_modes_give_the_gradients_of_plain_reuse(blocks, first_shared, dropout, monkeypatch):
+    """The memory mode ("recompute": every self-attention layer through the executor, every cross-attention
+    checkpointed) and activation checkpointing give the outputs and gradients of plain module reuse, the
+    default (dropout masks replayed), with two cross-attention layers."""
     chains = []
 
     def spy(steps, x):
@@ -252,11 +269,12 @@ def test_encoder_shared_block_execution_matches_plain_reuse(blocks, first_shared
 
     monkeypatch.setattr(perceiver_module, "run_shared_chain", spy)
     results = []
-    for shared in (False, True):
+    for mode, checkpointing in (("reuse", False), ("recompute", False), ("reuse", True)):
         torch.manual_seed(1)
         model = make_classifier(
             num_self_attention_blocks=blocks, first_self_attention_block_shared=first_shared,
-            shared_block_execution=shared, residual_dropout=dropout,
+            num_cross_attention_layers=min(2, blocks), shared_block_execution=mode,
+            activation_checkpointing=checkpointing, residual_dropout=dropout,
         )  # fmt: skip
         x = torch.randn(3, 9, 6, requires_grad=True)
         pad = torch.zeros(3, 9, dtype=torch.bool)
@@ -265,24 +283,45 @@ def test_encoder_shared_block_execution_matches_plain_reuse(blocks, first_shared
         out = model(x, pad_mask=pad)
         out.pow(2).sum().backward()
         results.append((out, x.grad, {n: p.grad for n, p in model.named_parameters()}))
-    # The executor runs the whole chain when a block repeats (first shared: all L; else SA1 + L-1 SAn).
-    repeats = blocks > 1 if first_shared else blocks > 2
-    assert chains == ([blocks] if repeats else [])
-    (out0, gx0, g0), (out1, gx1, g1) = results
-    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
-    assert g0.keys() == g1.keys()
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
+    # The memory mode runs each chain of blocks between cross-attentions as its layers (2 per block).
+    assert chains == ([2] if blocks == 1 else [2, 4])
+    (out0, gx0, g0), *others = results
+    for out1, gx1, g1 in others:
+        torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+        assert g0.keys() == g1.keys()
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_shared_execution_skips_inner_checkpointing():
-    """Blocks recomputed by the executor are not checkpointed again (that would be a third forward)."""
+def test_memory_mode_skips_inner_checkpointing():
+    """Layers recomputed by the executor are not checkpointed again (that would be a third forward)."""
     model = make_classifier(num_self_attention_blocks=3, activation_checkpointing=True)
+    model.encoder.shared_block_execution = "recompute"
     calls = []
     model.encoder.self_attn_1[0].register_forward_hook(lambda *_: calls.append(1))
     model(torch.randn(2, 9, 6)).sum().backward()
     assert len(calls) == 2 * 3  # each repetition: the forward, and one recomputation in backward
+
+
+@pytest.mark.parametrize("mode, checkpointing", [("reuse", False), ("reuse", True), ("recompute", False)])
+def test_encoder_step_compiles_in_every_mode(mode, checkpointing):
+    """``torch.compile`` of a training step in each way of running the blocks (the memory mode's steps become
+    checkpoint regions under the compiler) gives the eager gradients."""
+    torch.manual_seed(4)
+    model = make_classifier(
+        num_self_attention_blocks=2, shared_block_execution=mode, activation_checkpointing=checkpointing
+    )
+    x = torch.randn(2, 9, 6)
+
+    model(x).pow(2).sum().backward()
+    eager = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(x).pow(2).sum().backward()
+    for p, expected in zip(model.parameters(), eager, strict=True):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_activation_checkpointing_same_gradients():

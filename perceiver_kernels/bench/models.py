@@ -7,9 +7,11 @@ one or more batch sizes. Every variant's first step is checked against the entry
 variant (its output and every parameter's gradient) before it is timed, as the attention suite checks
 every forward output against the reference.
 
-* ``shared-blocks``: the Perceiver IO ImageNet encoder's self-attention stack, forward + backward,
-  ``shared_block_execution=True`` (``run_shared_chain``: repetitions recomputed in backward, one GEMM
-  per shared weight; ours) against plain module reuse (the anchor).
+* ``shared-blocks``: the Perceiver IO ImageNet encoder, forward + backward, at several chain lengths L
+  (self-attention blocks) and batches, in its three ways of running the shared blocks: plain module
+  reuse (``shared_block_execution="reuse"``, the default; the anchor), ``activation_checkpointing=True``,
+  and the memory mode (``shared_block_execution="recompute"``: ``run_shared_chain``; ours, compared with
+  activation checkpointing, its rival). ``medium-shared-blocks`` is a CPU-sized encoder.
 * ``model-ar-train``: forward + backward of the cross-entropy loss of the 30M Perceiver AR language
   model (``CausalSequenceModel``), its attention computed by our Triton kernels, by our ``reference``
   backend (the anchor) and by PyTorch SDPA (rotary and masks as separate PyTorch ops). No optimizer
@@ -17,9 +19,13 @@ every forward output against the reference.
 
 Both run with the model in the suite's dtype (``model.to(dtype)``: bfloat16 weights, activations and
 gradients on a GPU, not autocast: under autocast the reference backend's float32 score matmuls would
-themselves run in bfloat16). Timing and peak memory are ``timing.py``'s: ``do_bench`` on a GPU
-(gradients set to None between repetitions), peak allocated device memory of one step beyond what was
-allocated before it (weights and inputs), so activations, gradients and workspace; not measured on CPU.
+themselves run in bfloat16). Timing and memory are ``timing.py``'s: ``do_bench`` on a GPU (gradients
+set to None between repetitions); memory beyond what was allocated before the step (weights and inputs):
+what the forward keeps for backward, and the peak over the step (activations, gradients and workspace),
+from the allocator on a GPU and from ``timing.LiveBytes`` on CPU.
+
+Each row is one (size, variant): ``size`` is a dict of row fields (``batch``; ``blocks`` for
+``shared-blocks``).
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ from perceiver_kernels.models import (
 )
 from perceiver_kernels.reference import visible_keys
 
-from .timing import Timing, peak_bytes, quantiles, synchronize
+from .timing import Timing, quantiles, step_memory, synchronize
 
 MODE = "fwd+bwd"  # the only pass a model entry has
+CPU_MIN_REPS = 5  # variants that differ by a few percent: more than an attention row's 3 on a noisy CPU
 WEIGHT_SEED, INPUT_SEED, CHECK_SEED = 0, 1, 2
 
 
@@ -56,13 +63,15 @@ class Variant:
     name: str
     ours: bool
     description: str
+    rival: str | None = None  # the variant its speedup and memory ratio are taken against (default: the fastest other)
 
 
 @dataclass
 class Step:
     """One timing repetition of a variant, and what it processes."""
 
-    run: Callable[[], tuple[Tensor, Tensor | None]]  # forward + backward; returns (output, loss), detached
+    # forward + backward, calling ``after_forward()`` (if given) between them; returns (output, loss), detached
+    run: Callable[..., tuple[Tensor, Tensor | None]]
     params: list[Tensor]  # whose ``.grad`` ``run`` fills; set to None between repetitions
     units: int  # throughput units per step (samples, latent tokens)
 
@@ -90,12 +99,22 @@ def first_step(step: Step, device: torch.device) -> tuple[Check, float]:
 
 
 def measure_step(step: Step, device: torch.device) -> tuple[Timing, Check]:
-    """``timing.measure`` for a model step: the first call (``first_step``), then peak memory and the
-    quantiles, with the gradients set to None before every repetition."""
+    """``timing.measure`` for a model step: the first call (``first_step``), then memory (what the forward
+    keeps for backward, the step's peak: ``timing.step_memory``, on CPU too) and the quantiles, with the
+    gradients set to None before every repetition."""
     check, first_call_s = first_step(step, device)
-    peak = peak_bytes(step.run, step.params, device)
-    median, p20, p80 = quantiles(step.run, step.params, device)
-    return Timing(median, p20, p80, first_call_s, peak), check
+    for p in step.params:
+        p.grad = None
+    try:
+        kept, peak = step_memory(step.run, device)
+    except RuntimeError:
+        if device.type == "cuda":
+            raise
+        # The CPU tracker is a dispatch mode, under which PyTorch cannot create some tensor subclasses
+        # (SDPA's CausalBias): the step ran above; its memory is not measured.
+        kept = peak = None
+    median, p20, p80 = quantiles(step.run, step.params, device, cpu_min_reps=CPU_MIN_REPS)
+    return Timing(median, p20, p80, first_call_s, peak, kept), check
 
 
 def relative_l2(grads: list[Tensor | None], anchor: list[Tensor | None]) -> float:
@@ -129,11 +148,19 @@ class ModelEntry:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def build(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """The model, with the same weights on every device (initialised on CPU from a fixed seed)."""
+    def sizes(self) -> list[dict]:
+        """One dict of row fields per measured size, in order."""
+        return [{"batch": b} for b in self.batches]
+
+    def model_key(self, size: dict) -> object:
+        """Sizes with the same key run on the same built model."""
+        return None
+
+    def build(self, device: torch.device, dtype: torch.dtype, size: dict) -> nn.Module:
+        """The model for ``size``, with the same weights on every device (initialised on CPU from a fixed seed)."""
         raise NotImplementedError
 
-    def step(self, model: nn.Module, variant: Variant, batch: int, device: torch.device) -> Step:
+    def step(self, model: nn.Module, variant: Variant, size: dict, device: torch.device) -> Step:
         raise NotImplementedError
 
     def variant(self, name: str) -> Variant:
@@ -155,6 +182,7 @@ class ModelEntry:
             "description": self.describe(),
             "modes": list(self.modes),
             "variants": {v.name: v.description for v in self.variants},
+            "rivals": {v.name: v.rival for v in self.variants if v.rival},
             "ours": [v.name for v in self.variants if v.ours],
             "anchor": self.anchor,
             "throughput_unit": self.throughput_unit,
@@ -173,27 +201,35 @@ class PrecomputedInput(InputAdapter):
 
 @dataclass(frozen=True)
 class SharedBlocks(ModelEntry):
-    """``PerceiverEncoder`` forward + backward (gradient of the latents: a fixed random tensor), its
-    self-attention blocks run by ``run_shared_chain`` (ours) or by plain module reuse (the anchor)."""
+    """``PerceiverEncoder`` forward + backward (gradient of the latents: a fixed random tensor) with one
+    self-attention block module applied ``L`` times, run by plain module reuse (the anchor, the default),
+    activation checkpointing, or the memory mode (``run_shared_chain``; ours). ``L`` in ``blocks``."""
 
     kind: ClassVar[str] = "shared-blocks"
     variants: ClassVar[tuple[Variant, ...]] = (
-        Variant("shared-chain", True, "shared_block_execution=True: run_shared_chain, recompute, one GEMM per weight"),
-        Variant("module-reuse", False, "shared_block_execution=False: the same block module applied again"),
+        Variant("reuse", False, 'shared_block_execution="reuse" (the default): the block module applied again'),
+        Variant("checkpointing", False, "activation_checkpointing=True: torch.utils.checkpoint around each layer"),
+        Variant(
+            "recompute",
+            True,
+            'shared_block_execution="recompute": run_shared_chain, layers recomputed in backward',
+            rival="checkpointing",
+        ),
     )
-    anchor: ClassVar[str] = "module-reuse"
+    anchor: ClassVar[str] = "reuse"
     throughput_unit: ClassVar[str] = "samples/s"
 
     name: str
     batches: tuple[int, ...]
+    blocks: tuple[int, ...]
     num_latents: int
     num_latent_channels: int
     num_heads: int
     layers_per_block: int
-    num_blocks: int
     input_len: int
     input_channels: int
     cross_heads: int = 1
+    widening_factor: int = 1
     real_input_len: int | None = None  # the real model's input length, when input_len is shorter
     backend: str = "triton"
     note: str = ""
@@ -201,35 +237,45 @@ class SharedBlocks(ModelEntry):
     def describe(self) -> str:
         real = f" (real model: {self.real_input_len})" if self.real_input_len else ""
         return (
-            f"PerceiverEncoder {self.num_latents} latents x {self.num_latent_channels} ch, {self.num_blocks} blocks "
-            f"x {self.layers_per_block} self-attention layers, {self.num_heads} heads, first block shared (one "
-            f"block module applied {self.num_blocks} times); 1 cross-attention ({self.cross_heads} head, qk/v "
-            f"{self.input_channels}) over a {self.input_len} x {self.input_channels} input{real}; "
-            f"fwd+bwd; batch {', '.join(map(str, self.batches))}; {self.backend} attention"
+            f"PerceiverEncoder {self.num_latents} latents x {self.num_latent_channels} ch, L = "
+            f"{', '.join(map(str, self.blocks))} blocks of {self.layers_per_block} self-attention layers "
+            f"({self.num_heads} heads, MLP widening {self.widening_factor}), one block module applied L times; "
+            f"1 cross-attention ({self.cross_heads} head(s), qk/v {self.input_channels}) over a {self.input_len} x "
+            f"{self.input_channels} input{real}; fwd+bwd; batch {', '.join(map(str, self.batches))}; "
+            f"{self.backend} attention"
         )
 
-    def build(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        torch.manual_seed(WEIGHT_SEED)
+    def sizes(self) -> list[dict]:
+        return [{"blocks": blocks, "batch": batch} for blocks in self.blocks for batch in self.batches]
+
+    def model_key(self, size: dict) -> object:
+        return size["blocks"]
+
+    def build(self, device: torch.device, dtype: torch.dtype, size: dict) -> nn.Module:
+        torch.manual_seed(WEIGHT_SEED)  # the same weights at every L: one block module, whatever L is
         model = PerceiverEncoder(
             PrecomputedInput(self.input_channels), self.num_latents, self.num_latent_channels,
             num_cross_attention_heads=self.cross_heads, num_cross_attention_qk_channels=self.input_channels,
             num_cross_attention_v_channels=self.input_channels, num_self_attention_heads=self.num_heads,
-            num_self_attention_layers_per_block=self.layers_per_block, num_self_attention_blocks=self.num_blocks,
+            num_self_attention_layers_per_block=self.layers_per_block, num_self_attention_blocks=size["blocks"],
+            self_attention_widening_factor=self.widening_factor, cross_attention_widening_factor=self.widening_factor,
             backend=self.backend,
         )  # fmt: skip
         return model.to(device=device, dtype=dtype).train()
 
-    def step(self, model: nn.Module, variant: Variant, batch: int, device: torch.device) -> Step:
-        dtype = next(model.parameters()).dtype
+    def step(self, model: nn.Module, variant: Variant, size: dict, device: torch.device) -> Step:
+        dtype, batch = next(model.parameters()).dtype, size["batch"]
         g = torch.Generator(device=device).manual_seed(INPUT_SEED + batch)
         x = torch.randn(batch, self.input_len, self.input_channels, device=device, dtype=dtype, generator=g)
         grad = torch.randn(batch, self.num_latents, self.num_latent_channels, device=device, dtype=dtype, generator=g)
-        shared = variant.name == "shared-chain"
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def run() -> tuple[Tensor, None]:
-            model.shared_block_execution = shared
+        def run(after_forward: Callable[[], None] | None = None) -> tuple[Tensor, None]:
+            model.shared_block_execution = "recompute" if variant.name == "recompute" else "reuse"
+            model.activation_checkpointing = variant.name == "checkpointing"
             latents = model(x)
+            if after_forward is not None:
+                after_forward()
             latents.backward(grad)
             return latents.detach(), None
 
@@ -353,19 +399,22 @@ class ARTrain(ModelEntry):
     def backend_of(self, variant: Variant) -> str | None:
         return None if variant.name == "sdpa" else variant.name
 
-    def build(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def build(self, device: torch.device, dtype: torch.dtype, size: dict) -> nn.Module:
         torch.manual_seed(WEIGHT_SEED)
         model = CausalSequenceModel(self.config, backend="reference")
         return model.to(device=device, dtype=dtype).train()
 
-    def step(self, model: nn.Module, variant: Variant, batch: int, device: torch.device) -> Step:
+    def step(self, model: nn.Module, variant: Variant, size: dict, device: torch.device) -> Step:
+        batch = size["batch"]
         g = torch.Generator(device=device).manual_seed(INPUT_SEED + batch)
         tokens = torch.randint(0, self.config.vocab_size, (batch, self.seq_len + 1), device=device, generator=g)
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def run() -> tuple[Tensor, Tensor]:
+        def run(after_forward: Callable[[], None] | None = None) -> tuple[Tensor, Tensor]:
             with attention_variant(model, variant.name):
                 logits, loss = ar_loss(model, tokens)
+                if after_forward is not None:
+                    after_forward()
                 loss.backward()
             return logits.detach(), loss.detach()
 
@@ -386,12 +435,12 @@ PERCEIVER_MODELS = (
         num_latents=512,
         num_latent_channels=1024,
         num_heads=8,
+        blocks=(2, 4, 8),
         layers_per_block=6,
-        num_blocks=8,
         input_len=4096,
         input_channels=261,
         real_input_len=50176,
-        note="Perceiver IO ImageNet encoder; a shorter input: what differs is the self-attention block executor",
+        note="Perceiver IO ImageNet encoder (L = 8); a shorter input: what differs is how the blocks run",
     ),
     ARTrain("model-ar-train", batches=(24,), config=AR_30M, note="perceiver-io's 30M Perceiver AR text model"),
 )
@@ -403,8 +452,8 @@ QUICK_MODELS = (
         num_latents=16,
         num_latent_channels=64,
         num_heads=4,
+        blocks=(2,),
         layers_per_block=2,
-        num_blocks=2,
         input_len=64,
         input_channels=29,
         backend="reference",
@@ -426,5 +475,27 @@ QUICK_MODELS = (
     ),
 )
 
-MODEL_SUITES: dict[str, tuple[ModelEntry, ...]] = {"perceiver": PERCEIVER_MODELS, "quick": QUICK_MODELS}
+# The shared-block modes on an encoder that a CPU runs in minutes (the GPU's is shared-blocks, above).
+BLOCKS_MODELS = (
+    SharedBlocks(
+        "medium-shared-blocks",
+        batches=(1, 4, 16),
+        blocks=(2, 4, 8),
+        num_latents=128,
+        num_latent_channels=256,
+        num_heads=8,
+        layers_per_block=4,
+        input_len=512,
+        input_channels=64,
+        cross_heads=8,
+        backend="reference",
+        note="CPU-sized: 128 x 256 latents, 4 layers per block, a 512 x 64 input; reference attention",
+    ),
+)
+
+MODEL_SUITES: dict[str, tuple[ModelEntry, ...]] = {
+    "perceiver": PERCEIVER_MODELS,
+    "quick": QUICK_MODELS,
+    "blocks": BLOCKS_MODELS,
+}
 MODELS = {m.name: m for suite in MODEL_SUITES.values() for m in suite}

@@ -6,7 +6,7 @@ Works on a live result (``suite.run_suite``) or a saved one::
 
 prints the tables and, with ``--out``, writes ``bench.txt``, ``bench.md`` and the PNG plots there.
 
-Model-level rows (``kind: "model"``, one per entry, batch and variant; ``models.py``) get their own
+Model-level rows (``kind: "model"``, one per entry, size and variant; ``models.py``) get their own
 tables, markdown table and ``model-<entry>.png``; the attention tables and ``summary.png`` are the
 attention rows'.
 """
@@ -33,20 +33,29 @@ def is_model(row_or_shape: dict) -> bool:
     return row_or_shape.get("kind") == "model"
 
 
+def size_label(row: dict) -> str:
+    """A model row's size: ``B4``, or ``L8 B4`` where the entry varies the number of blocks too."""
+    return (f"L{row['blocks']} " if "blocks" in row else "") + f"B{row['batch']}"
+
+
 def add_speedups(results: dict) -> None:
     """Each ok row gets ``speedup`` = (best other provider's median) / (its median), per shape and mode
-    (and batch, for model rows).
+    (and size, for model rows).
 
-    "Other" is every provider that is not ours and whose output agreed with the reference. Model rows
-    also get ``peak_ratio`` = (their peak memory) / (that best other's), where both were measured.
+    "Other" is every provider that is not ours and whose output agreed with the reference; a model row with
+    a ``rival`` is compared with that variant instead. Model rows also get ``peak_ratio`` = (their peak
+    memory) / (the compared row's), where both were measured.
     """
     groups: dict[tuple, list[dict]] = {}
     for row in results["rows"]:
-        groups.setdefault((row["shape"], row["mode"], row.get("batch")), []).append(row)
+        groups.setdefault((row["shape"], row["mode"], row.get("batch"), row.get("blocks")), []).append(row)
     for rows in groups.values():
         others = [r for r in rows if not r["ours"] and r["status"] == "ok"]
-        best = min(others, key=lambda r: r["ms"]) if others else None
+        fastest = min(others, key=lambda r: r["ms"]) if others else None
         for row in rows:
+            best = fastest
+            if row.get("rival"):
+                best = next((r for r in others if r["provider"] == row["rival"]), None)
             row["best_other"] = best["provider"] if best else None
             row["speedup"] = best["ms"] / row["ms"] if best and row["status"] == "ok" else None
             if is_model(row):
@@ -72,7 +81,7 @@ def row_line(row: dict) -> str:
     """One line per measurement, printed while the suite runs."""
     head = f"{row['shape']:20s} {display_name(row):16s} {row['mode']:8s}"
     if is_model(row):
-        head = f"{row['shape']:20s} {display_name(row):19s} B{row['batch']:<4d} {row['mode']:8s}"
+        head = f"{row['shape']:20s} {display_name(row):19s} {size_label(row):7s} {row['mode']:8s}"
     if row["status"] != "ok":
         return f"{head} {row['status']} ({row.get('reason', '')})"
     if is_model(row):
@@ -145,14 +154,14 @@ def text_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-MODEL_COLUMNS = ("variant", "batch", "median ms", "p20-p80 ms", "{unit}", "peak MiB", "1st s", "out diff",
-                 "grad diff", "speedup", "peak x")  # fmt: skip
-MODEL_WIDTHS = (20, 5, 10, 19, 14, 9, 7, 8, 9, 8, 6)
+MODEL_COLUMNS = ("variant", "size", "median ms", "p20-p80 ms", "{unit}", "kept MiB", "peak MiB", "1st s",
+                 "out diff", "grad diff", "vs", "speedup", "peak x")  # fmt: skip
+MODEL_WIDTHS = (20, 7, 10, 19, 14, 9, 9, 7, 8, 9, 14, 8, 6)
 
 
 def _model_table(shape: dict, rows: list[dict]) -> list[str]:
-    """A model entry: one line per (batch, variant); diffs against the anchor, speedup and peak memory
-    against the best other variant."""
+    """A model entry: one line per (size, variant); diffs against the anchor, speedup and peak memory
+    against the compared variant (its rival, or the fastest other)."""
     unit = shape.get("throughput_unit", "throughput")
     header = tuple(c.format(unit=unit) for c in MODEL_COLUMNS)
 
@@ -167,25 +176,28 @@ def _model_table(shape: dict, rows: list[dict]) -> list[str]:
     anchor = shape.get("anchor")
     lines.append(
         f"   diffs against {anchor} (the anchor, marked *): out diff = max |out - anchor| / max |anchor|, grad diff = "
-        "relative L2 of all parameter gradients; peak x = peak memory / the best other's"
+        "relative L2 of all parameter gradients; kept = what the forward leaves for backward, peak = the step's "
+        "maximum (beyond weights and inputs); speedup and peak x against the variant in vs"
     )
     lines.append(line(header))
     for row in rows:
         name = display_name(row) + (" *" if row.get("anchor") else "")
         if row["status"] not in ("ok",):
-            lines.append(f"{name:<20s}  {row['batch']:>5d}  {row['status']} ({row.get('reason', '')})")
+            lines.append(f"{name:<20s}  {size_label(row):>7s}  {row['status']} ({row.get('reason', '')})")
             continue
         spread = f"{_fmt(row.get('p20_ms'), '.3f')}-{_fmt(row.get('p80_ms'), '.3f')}"
         cells = (
             name,
-            str(row["batch"]),
+            size_label(row),
             f"{row['ms']:.3f}",
             spread,
             _count(row.get("throughput")),
-            _fmt(row.get("peak_mib"), ".0f"),
+            _fmt(row.get("kept_mib"), ".1f"),
+            _fmt(row.get("peak_mib"), ".1f"),
             _fmt(row.get("first_call_s"), ".2f"),
             _fmt(row.get("max_rel_diff"), ".1e"),
             _fmt(row.get("grad_rel_diff"), ".1e"),
+            row.get("best_other") or "",
             _fmt(row.get("speedup"), ".2f", "") + ("x" if row.get("speedup") is not None else ""),
             _fmt(row.get("peak_ratio"), ".2f", ""),
         )
@@ -233,20 +245,21 @@ def markdown_summary(results: dict) -> str:
 
 
 def _model_markdown(rows: list[dict]) -> list[str]:
-    """Every model row: its time, throughput, peak memory, and both against the best other variant."""
+    """Every model row: its time, throughput, memory, and time and peak against the compared variant."""
     lines = [
-        "| model entry | batch | variant | ms | throughput | peak MiB | speedup | peak memory ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model entry | size | variant | ms | throughput | kept MiB | peak MiB | vs | speedup | peak memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        head = f"| {row['shape']} | {row['batch']} | {display_name(row)}"
+        head = f"| {row['shape']} | {size_label(row)} | {display_name(row)}"
         if row["status"] != "ok":
-            lines.append(f"{head} | {row['status']} | | | | |")
+            lines.append(f"{head} | {row['status']} | | | | | | |")
             continue
         speedup = _fmt(row.get("speedup"), ".2f", "-") + ("x" if row.get("speedup") is not None else "")
+        memory = f"{_fmt(row.get('kept_mib'), '.1f')} | {_fmt(row.get('peak_mib'), '.1f')}"
         lines.append(
-            f"{head} | {row['ms']:.3f} | {_count(row.get('throughput'))} {row['throughput_unit']} "
-            f"| {_fmt(row.get('peak_mib'), '.0f')} | {speedup} | {_fmt(row.get('peak_ratio'), '.2f')} |"
+            f"{head} | {row['ms']:.3f} | {_count(row.get('throughput'))} {row['throughput_unit']} | {memory} "
+            f"| {row.get('best_other') or '-'} | {speedup} | {_fmt(row.get('peak_ratio'), '.2f')} |"
         )
     return lines
 
@@ -302,23 +315,26 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
 
 
 def _model_plot(shape: dict, rows: list[dict], results: dict, out_dir: Path, plt) -> Path:
-    """Throughput and peak memory by batch, one bar per variant (peak memory: GPU only)."""
-    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    """Throughput and peak memory by size, one bar per variant."""
+    sizes = list(dict.fromkeys(size_label(r) for r in rows))
     variants = list(dict.fromkeys(display_name(r) for r in rows))
-    by_key = {(r["batch"], display_name(r)): r for r in rows}
+    by_key = {(size_label(r), display_name(r)): r for r in rows}
     has_peak = any(r.get("peak_mib") is not None for r in rows)
     panels = [("throughput", shape.get("throughput_unit", "throughput"))]
     if has_peak:
         panels.append(("peak_mib", "peak MiB (beyond weights and inputs)"))
-    fig_width = 5.5 * len(panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(fig_width, 4.2), squeeze=False)
+    # Panels side by side for a few sizes, one above the other for many (shared-blocks: L x batch).
+    wide = len(sizes) > 4
+    fig_width = max(5.5, 1.1 * len(sizes)) if wide else 5.5 * len(panels)
+    shape_of = (len(panels), 1) if wide else (1, len(panels))
+    fig, axes = plt.subplots(*shape_of, figsize=(fig_width, 4.2 * shape_of[0]), squeeze=False)
     width = 0.8 / max(1, len(variants))
     others = [name for name in variants if not name.endswith("(ours)")]
     colors = {name: OTHER_COLORS[i % len(OTHER_COLORS)] for i, name in enumerate(others)}
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
         for v, name in enumerate(variants):
-            xs = [i + (v - (len(variants) - 1) / 2) * width for i in range(len(batches))]
-            cells = [by_key.get((b, name)) for b in batches]
+            xs = [i + (v - (len(variants) - 1) / 2) * width for i in range(len(sizes))]
+            cells = [by_key.get((b, name)) for b in sizes]
             values = [(r.get(key) or 0.0) if r and r["status"] == "ok" else 0.0 for r in cells]
             bars = ax.bar(xs, values, width, label=name, color=colors.get(name, OURS_COLOR))
             for bar, row, value in zip(bars, cells, values, strict=True):
@@ -327,9 +343,9 @@ def _model_plot(shape: dict, rows: list[dict], results: dict, out_dir: Path, plt
                 if row["status"] != "ok":
                     text = row["status"]
                 else:
-                    text = _count(value) if key == "throughput" else f"{value:.0f}"
+                    text = _count(value) if key == "throughput" else f"{value:.3g}"
                 ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), text, ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_xticks(range(len(sizes)), sizes)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     title = _wrap(f"{shape['name']}: {shape.get('description', '')}", int(15 * fig_width))

@@ -5,7 +5,7 @@ row of the results: its timing and derived rates, or ``n/a`` with the reason. Ev
 is also compared with the float32 reference, so a fast wrong answer is flagged, never reported as a
 win. The JSON is rewritten after every shape, so a run that is cut short keeps what it measured.
 
-After the attention shapes come the suite's model entries (``models.py``): each (entry, batch,
+After the attention shapes come the suite's model entries (``models.py``): each (entry, size,
 variant) becomes one row (``kind: "model"``) of the same results, its first step checked against the
 entry's anchor variant.
 """
@@ -158,7 +158,7 @@ def run_suite(
     results["shapes"], results["rows"] = [], []
     started = time.perf_counter()
     jobs = sum(len(providers) * len([m for m in s.modes if m in modes]) for s in shapes)
-    jobs += sum(len(e.variants) * len(e.batches) for e in models if MODEL_MODE in modes)
+    jobs += sum(len(e.variants) * len(e.sizes()) for e in models if MODEL_MODE in modes)
     # progress None: a bar only on a terminal; True/False: always/never.
     disable = {None: None, True: False, False: True}[progress]
     bar = tqdm(total=jobs, unit="run", disable=disable, dynamic_ncols=True)
@@ -261,7 +261,7 @@ def _measure_row(shape: Shape, name: str, mode: str, inputs: Inputs, ref: Tensor
         p20_ms=timing.p20_ms,
         p80_ms=timing.p80_ms,
         first_call_s=timing.first_call_s,
-        peak_mib=None if timing.peak_bytes is None else timing.peak_bytes / 2**20,
+        peak_mib=_mib(timing.peak_bytes),
     )
     flops, nbytes = shape.flops(mode), shape.bytes(mode, inputs.q.element_size())
     row["tflops"] = flops / timing.median_ms / 1e9
@@ -281,7 +281,7 @@ def _measure_row(shape: Shape, name: str, mode: str, inputs: Inputs, ref: Tensor
 
 
 def _run_model(entry: ModelEntry, modes, device, dtype, results, bar, started, time_budget_s) -> None:
-    """Every (batch, variant) of ``entry``, the anchor variant first at each batch: the others' first
+    """Every (size, variant) of ``entry``, the anchor variant first at each size: the others' first
     step is checked against its output and gradients (same weights, inputs and dropout seed)."""
     results["shapes"].append(entry.as_dict())
     if MODEL_MODE not in modes:
@@ -291,21 +291,24 @@ def _run_model(entry: ModelEntry, modes, device, dtype, results, bar, started, t
         return time_budget_s is not None and time.perf_counter() - started > time_budget_s
 
     bar.set_description(entry.name)
-    built: dict[str, torch.nn.Module] = {}  # the model, built once and only when a row runs
-
-    def model() -> torch.nn.Module:
-        if "model" not in built:
-            built["model"] = entry.build(device, dtype)
-        return built["model"]
+    built: dict[object, torch.nn.Module] = {}  # the model of the current size's key, built only when a row runs
 
     try:
-        for batch in entry.batches:
+        for size in entry.sizes():
             anchor = None
+
+            def model(size=size) -> torch.nn.Module:
+                key = entry.model_key(size)
+                if key not in built:
+                    built.clear()  # one model alive at a time
+                    built[key] = entry.build(device, dtype, size)
+                return built[key]
+
             for variant in entry.ordered_variants():
                 if spent():
-                    row = _model_row(entry, variant, batch, status="skipped", reason="time budget spent")
+                    row = _model_row(entry, variant, size, status="skipped", reason="time budget spent")
                 else:
-                    row, check = _measure_model_row(entry, model, variant, batch, device, dtype, anchor)
+                    row, check = _measure_model_row(entry, model, variant, size, device, dtype, anchor)
                     if variant.name == entry.anchor and row["status"] == "ok":
                         anchor = check
                     del check  # a non-anchor check is not needed once compared
@@ -323,31 +326,31 @@ def _run_model(entry: ModelEntry, modes, device, dtype, results, bar, started, t
             torch.cuda.empty_cache()
 
 
-def _model_row(entry: ModelEntry, variant: Variant, batch: int, **fields) -> dict:
-    return {
-        "shape": entry.name, "provider": variant.name, "ours": variant.ours, "mode": MODEL_MODE, "kind": "model",
-        "batch": batch, **fields,
-    }  # fmt: skip
+def _model_row(entry: ModelEntry, variant: Variant, size: dict, **fields) -> dict:
+    row = {"shape": entry.name, "provider": variant.name, "ours": variant.ours, "mode": MODEL_MODE, "kind": "model"}
+    if variant.rival:
+        row["rival"] = variant.rival
+    return {**row, **size, **fields}
 
 
-def _measure_model_row(entry, model, variant, batch, device, dtype, anchor) -> tuple[dict, object]:
+def _measure_model_row(entry, model, variant, size, device, dtype, anchor) -> tuple[dict, object]:
     """One variant's row and the check of its first step (None when it did not run)."""
     step = None
     try:
         backend = entry.backend_of(variant)
         if backend is not None and (reason := pk.backend_unavailable_reason(backend, probe(device))):
             raise Unavailable(reason)
-        step = entry.step(model(), variant, batch, device)
+        step = entry.step(model(), variant, size, device)
         timing, check = measure_step(step, device)
     except Unavailable as e:
-        return _model_row(entry, variant, batch, status="n/a", reason=str(e)), None
+        return _model_row(entry, variant, size, status="n/a", reason=str(e)), None
     except torch.OutOfMemoryError:
         _release(step, device)
-        return _model_row(entry, variant, batch, status="n/a", reason="out of device memory"), None
+        return _model_row(entry, variant, size, status="n/a", reason="out of device memory"), None
     except Exception as e:  # noqa: BLE001 - reported with the row, as for the attention providers
         text = str(e).strip()
         reason = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
-        row = _model_row(entry, variant, batch, status="error" if variant.ours else "n/a", reason=reason)
+        row = _model_row(entry, variant, size, status="error" if variant.ours else "n/a", reason=reason)
         try:
             synchronize(device)
         except RuntimeError as fatal:
@@ -356,8 +359,8 @@ def _measure_model_row(entry, model, variant, batch, device, dtype, anchor) -> t
         return row, None
     _release(step, device)
     row = _model_row(
-        entry, variant, batch, status="ok", ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-        first_call_s=timing.first_call_s, peak_mib=None if timing.peak_bytes is None else timing.peak_bytes / 2**20,
+        entry, variant, size, status="ok", ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+        first_call_s=timing.first_call_s, peak_mib=_mib(timing.peak_bytes), kept_mib=_mib(timing.kept_bytes),
         throughput=step.units / timing.median_ms * 1e3, throughput_unit=entry.throughput_unit, loss=check.loss,
     )  # fmt: skip
     if variant.name == entry.anchor:
@@ -382,6 +385,10 @@ def _measure_model_row(entry, model, variant, batch, device, dtype, anchor) -> t
                 f"{loss}"
             )
     return row, check
+
+
+def _mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
 
 
 def _release(step, device: torch.device) -> None:
@@ -417,10 +424,10 @@ def run_cli(args) -> int:
 
         dtype = getattr(torch, args.dtype) if args.dtype else SUITE_DTYPES[device.type]
         return (host if suite == "host" else sharded).run_cli(args, device, dtype)
-    if device.type == "cpu" and suite != "quick":
-        print(f"bench: the {suite!r} suite needs a GPU; on CPU run --suite quick", file=sys.stderr)
+    if device.type == "cpu" and suite not in ("quick", "blocks"):
+        print(f"bench: the {suite!r} suite needs a GPU; on CPU run --suite quick or blocks", file=sys.stderr)
         return 2
-    shapes, models = list(SUITES[suite]), list(MODEL_SUITES[suite])
+    shapes, models = list(SUITES.get(suite, ())), list(MODEL_SUITES[suite])  # blocks: model entries only
     if args.shapes:
         unknown = sorted(set(args.shapes) - {s.name for s in shapes} - {m.name for m in models})
         if unknown:

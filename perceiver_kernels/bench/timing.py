@@ -1,18 +1,25 @@
-"""Timing, peak memory and the device's own ceilings (matmul rate, copy bandwidth).
+"""Timing, memory and the device's own ceilings (matmul rate, copy bandwidth).
 
 GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between repetitions, gradients set to None
 so that accumulation is not timed), median with the 20th and 80th percentiles. CPU: wall clock
 around each call; those numbers only prove the pipeline and are never compared with GPU ones.
+
+Memory: on a GPU the caching allocator's figures (``memory_allocated``, ``max_memory_allocated``); on CPU
+:class:`LiveBytes`, which follows every tensor storage ATen creates until it is freed (exact, in bytes of
+tensor storage; not the process's resident size).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .providers import AttentionFn, Inputs
 from .shapes import Shape
@@ -29,6 +36,7 @@ class Timing:
     p80_ms: float
     first_call_s: float  # includes JIT/compile (Triton, torch.compile) and cuDNN plan building
     peak_bytes: int | None  # device memory allocated at the peak of one call, beyond the inputs
+    kept_bytes: int | None = None  # model steps: what the forward leaves alive for backward, beyond the inputs
 
 
 def synchronize(device: torch.device) -> None:
@@ -90,9 +98,62 @@ def peak_bytes(step: Callable, grads: list[Tensor], device: torch.device) -> int
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tuple[float, float, float]:
-    """Median, p20 and p80 milliseconds of ``step()`` (``do_bench`` on CUDA, wall clock on CPU); the
-    ``grads`` tensors' ``.grad`` is reset between repetitions so that backward does not accumulate."""
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storage that ATen ops create while the mode is on, counted until each storage is
+    freed: ``live`` now, ``peak`` its maximum. Storages that existed before (weights, inputs, and views or
+    in-place results of them) are not counted, so figures are "beyond what was allocated before", as the
+    GPU's allocator figures are used here. Autograd's backward runs under the mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted: set[int] = set()  # the storages now alive that are counted, by their C++ address
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if _has_storage(t)}
+        for t in tree_leaves(out):
+            if _has_storage(t) and (key := t.untyped_storage()._cdata) not in given and key not in self._counted:
+                storage = t.untyped_storage()
+                self._counted.add(key)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._counted.discard(key)
+        self.live -= nbytes
+
+
+def _has_storage(t) -> bool:
+    return isinstance(t, Tensor) and t.layout == torch.strided and not t.is_meta
+
+
+def step_memory(run: Callable[[Callable[[], None]], object], device: torch.device) -> tuple[int, int]:
+    """``(kept, peak)`` bytes of one forward + backward ``run(after_forward)`` (it calls ``after_forward()``
+    between the two), beyond what was allocated before it: ``kept`` is what the forward leaves alive for
+    backward (activations saved by autograd, the output), ``peak`` the maximum over the whole step
+    (gradients and workspace included). GPU: the allocator's figures; CPU: :class:`LiveBytes`."""
+    kept = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run(lambda: kept.append(torch.cuda.memory_allocated(device) - base))
+        torch.cuda.synchronize(device)
+        return kept[0], torch.cuda.max_memory_allocated(device) - base
+    with LiveBytes() as live:
+        run(lambda: kept.append(live.live))
+    return kept[0], live.peak
+
+
+def quantiles(
+    step: Callable, grads: list[Tensor], device: torch.device, cpu_min_reps: int = CPU_MIN_REPS
+) -> tuple[float, float, float]:
+    """Median, p20 and p80 milliseconds of ``step()`` (``do_bench`` on CUDA, wall clock on CPU: at least
+    ``cpu_min_reps`` calls); the ``grads`` tensors' ``.grad`` is reset between repetitions so that backward does
+    not accumulate."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -100,7 +161,7 @@ def quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tupl
         return tuple(float(x) for x in ms)
     samples = []
     deadline = time.perf_counter() + CPU_BUDGET_S
-    while len(samples) < CPU_MIN_REPS or (len(samples) < CPU_MAX_REPS and time.perf_counter() < deadline):
+    while len(samples) < cpu_min_reps or (len(samples) < CPU_MAX_REPS and time.perf_counter() < deadline):
         _zero(grads)
         start = time.perf_counter()
         step()

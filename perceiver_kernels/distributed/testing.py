@@ -180,7 +180,7 @@ def _model_and_batch(case: dict, batch: int, generator: torch.Generator):
             _LinearInput(6, 12), num_latents=5, num_latent_channels=16, num_cross_attention_heads=2,
             num_cross_attention_qk_channels=8, num_cross_attention_v_channels=12, num_cross_attention_layers=2,
             num_self_attention_heads=2, num_self_attention_layers_per_block=2, num_self_attention_blocks=3,
-            shared_block_execution=case.get("shared_block_execution", True), **common,
+            shared_block_execution=case.get("shared_block_execution", "reuse"), **common,
         )  # fmt: skip
         decoder = models.PerceiverDecoder(
             models.ClassificationOutputAdapter(num_classes=7, num_output_query_channels=10),
@@ -222,7 +222,8 @@ def check_models_data_x_context(rank: int, world_size: int, cases: list[dict]) -
 
     ``case``: ``model`` ("io": a PerceiverIO classifier with padding, two cross-attention layers and shared
     self-attention blocks; "ar": a CausalSequenceModel with left padding), ``wrap`` ("ddp", "fsdp",
-    "fsdp-bf16": FSDP2 with bfloat16 parameters, float32 gradient reduction), ``backend``, and optionally
+    "fsdp-bf16": FSDP2 with bfloat16 parameters, float32 gradient reduction, "fsdp-layers": FSDP2 on each
+    attention layer and on the model), ``backend``, and optionally
     ``shared_block_execution``, ``activation_checkpointing``, ``length``, ``seed``."""
     import copy
 
@@ -230,6 +231,7 @@ def check_models_data_x_context(rank: int, world_size: int, cases: list[dict]) -
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    from ..models.layers import CrossAttentionLayer, SelfAttentionLayer
     from ..testing import REORDERED_FP32_RTOL, compare_reordered
 
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("data", "context"))
@@ -253,6 +255,10 @@ def check_models_data_x_context(rank: int, world_size: int, cases: list[dict]) -
             policy = MixedPrecisionPolicy()
             if case["wrap"] == "fsdp-bf16":
                 policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if case["wrap"] == "fsdp-layers":  # each attention layer its own FSDP unit, as transformers shard
+                for m in model.modules():
+                    if isinstance(m, (SelfAttentionLayer, CrossAttentionLayer)):
+                        fully_shard(m, mesh=flat, mp_policy=policy)
             wrapped = fully_shard(model, mesh=flat, mp_policy=policy)
         loss(wrapped, rows).backward()
         for name, p in model.named_parameters():

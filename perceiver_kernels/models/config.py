@@ -44,6 +44,13 @@ def config_field(name: str, settable: bool = False) -> property:
     return property(get, set_ if settable else None, doc=f"``config.{name}``")
 
 
+# How an encoder runs its self-attention blocks (``EncoderConfig.shared_block_execution``):
+# "reuse": plain module reuse under autograd, perceiver-io's (every activation kept until backward; fastest);
+# "recompute": the memory mode, every layer recomputed in backward (run_shared_chain for the self-attention
+# layers, checkpointing for the cross-attentions): activation checkpointing's memory in less time.
+SHARED_BLOCK_EXECUTION = ("reuse", "recompute")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """:class:`~perceiver_kernels.models.PerceiverEncoder`: P cross-attention layers (2..P share weights, with
@@ -68,7 +75,15 @@ class EncoderConfig:
     residual_dropout: float = 0.0
     init_scale: float = 0.02
     activation_checkpointing: bool = False
-    shared_block_execution: bool = True  # repeated self-attention blocks through run_shared_chain
+    shared_block_execution: str = "reuse"  # one of SHARED_BLOCK_EXECUTION (True/False: "recompute"/"reuse")
+
+    def __post_init__(self):
+        mode = self.shared_block_execution
+        if isinstance(mode, bool):  # the switch's earlier, boolean form
+            object.__setattr__(self, "shared_block_execution", "recompute" if mode else "reuse")
+        elif mode not in SHARED_BLOCK_EXECUTION:
+            raise ValueError(f"shared_block_execution must be one of {', '.join(map(repr, SHARED_BLOCK_EXECUTION))} "
+                             f"(or a bool), got {mode!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)

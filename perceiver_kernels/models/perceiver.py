@@ -3,6 +3,8 @@ and a cross-attention decoder."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor, nn
 
 from ..distributed.plan import ShardPlan
@@ -22,9 +24,11 @@ class PerceiverEncoder(nn.Module):
     forward runs CA1, SA1, then for ``i in 1..L-1`` a cross-attention if ``i < P``, then a
     self-attention block. Only the cross-attention sees ``pad_mask``.
 
-    Runs of self-attention blocks between cross-attentions go through :func:`run_shared_chain` when
-    gradients are needed and a block repeats (``shared_block_execution``): activations of a repetition
-    are recomputed in backward and each shared weight's gradient is one GEMM over all repetitions.
+    ``shared_block_execution`` (settable) says how the blocks run in training: ``"reuse"`` (the default)
+    is plain module reuse under autograd, as perceiver-io runs it; ``"recompute"`` is the memory mode: the
+    self-attention layers go through :func:`run_shared_chain` and the cross-attention layers through
+    activation checkpointing, so that between forward and backward only each layer's input is kept, the
+    memory of ``activation_checkpointing`` in less time (README, "Models", has the measured trade-off).
 
     Args: ``input_adapter``, ``num_latents`` (N), ``num_latent_channels`` (D), ``config``
     (:class:`EncoderConfig`, perceiver-io's vocabulary; P = ``num_cross_attention_layers``, L =
@@ -100,8 +104,19 @@ class PerceiverEncoder(nn.Module):
     num_self_attention_blocks = config_field("num_self_attention_blocks")
     first_cross_attention_layer_shared = config_field("first_cross_attention_layer_shared")
     first_self_attention_block_shared = config_field("first_self_attention_block_shared")
-    activation_checkpointing = config_field("activation_checkpointing")  # its blocks hold it too: fixed
     shared_block_execution = config_field("shared_block_execution", settable=True)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """``config.activation_checkpointing`` (settable: the self-attention blocks follow)."""
+        return self.config.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self.config = dataclasses.replace(self.config, activation_checkpointing=value)
+        for block in (self.self_attn_1, getattr(self, "self_attn_n", None)):
+            if block is not None:
+                block.activation_checkpointing = value
 
     @property
     def extra_cross_attention_layer(self) -> bool:
@@ -120,10 +135,10 @@ class PerceiverEncoder(nn.Module):
             shards = ShardPlan.for_group(x_adapted.shape[1], self.context_group)
             x_kv, kv_pad_mask = shards.shard(x_adapted), shards.shard(pad_mask)
 
+        recompute = self.activation_checkpointing or self.shared_block_execution == "recompute"
+
         def cross_attend(layer: CrossAttentionLayer, latents: Tensor) -> Tensor:
-            return maybe_checkpoint(
-                layer, self.activation_checkpointing, latents, x_kv, pad_mask=kv_pad_mask, shards=shards
-            )
+            return maybe_checkpoint(layer, recompute, latents, x_kv, pad_mask=kv_pad_mask, shards=shards)
 
         latents = cross_attend(self.cross_attn_1, self.latent_provider())  # the (1, N, D) latents broadcast
         chain = [self.self_attn_1]
@@ -135,11 +150,10 @@ class PerceiverEncoder(nn.Module):
         latents = self._self_attend(chain, latents)
         return (latents, x_adapted) if return_adapted_input else latents
 
-    def _self_attend(self, chain: list[nn.Module], latents: Tensor) -> Tensor:
-        """Consecutive self-attention blocks; weight-shared execution where a block repeats."""
-        repeats = len({id(block) for block in chain}) < len(chain)
-        if self.shared_block_execution and repeats:
-            return run_shared_chain(chain, latents)
+    def _self_attend(self, chain: list[SelfAttentionBlock], latents: Tensor) -> Tensor:
+        """Consecutive self-attention blocks, their layers recomputed in backward in the memory mode."""
+        if self.shared_block_execution == "recompute":
+            return run_shared_chain([layer for block in chain for layer in block], latents)
         for block in chain:
             latents = block(latents)
         return latents
