@@ -145,6 +145,15 @@ def test_a_step_checks_dropout_rows_and_gradients():
     assert models.relative_l2(checks[0].grads, checks[1].grads) == 0.0
 
 
+def test_cpu_timing_interleaves_the_variants():
+    """On CPU the variants of a size are timed in turns, so that a slow spell falls on all of them."""
+    calls = []
+    steps = [models.Step(lambda name=name: calls.append(name), params=[], units=1) for name in "abc"]
+    timings = models.interleaved_quantiles(steps)
+    assert len(timings) == 3 and all(p20 <= median <= p80 for median, p20, p80 in timings)
+    assert len(calls) >= 3 * models.CPU_MIN_REPS and calls[:6] == list("abcabc")
+
+
 def run_models(monkeypatch, tmp_path, entries, **kwargs):
     monkeypatch.setattr(suite, "device_ceilings", lambda device, dtype: CEILINGS)
     return suite.run_suite(

@@ -51,10 +51,10 @@ from perceiver_kernels.models import (
 )
 from perceiver_kernels.reference import visible_keys
 
-from .timing import Timing, quantiles, step_memory, synchronize
+from .timing import CPU_BUDGET_S, CPU_MAX_REPS, Timing, quantiles, sample_quantiles, step_memory, synchronize
 
 MODE = "fwd+bwd"  # the only pass a model entry has
-CPU_MIN_REPS = 5  # variants that differ by a few percent: more than an attention row's 3 on a noisy CPU
+CPU_MIN_REPS = 5  # interleaved CPU timing: variants that differ by a few percent need more than 3 calls
 WEIGHT_SEED, INPUT_SEED, CHECK_SEED = 0, 1, 2
 
 
@@ -98,10 +98,11 @@ def first_step(step: Step, device: torch.device) -> tuple[Check, float]:
     return Check(output, [p.grad for p in step.params], None if loss is None else float(loss)), seconds
 
 
-def measure_step(step: Step, device: torch.device) -> tuple[Timing, Check]:
+def measure_step(step: Step, device: torch.device, timed: bool = True) -> tuple[Timing, Check]:
     """``timing.measure`` for a model step: the first call (``first_step``), then memory (what the forward
-    keeps for backward, the step's peak: ``timing.step_memory``, on CPU too) and the quantiles, with the
-    gradients set to None before every repetition."""
+    keeps for backward, the step's peak: ``timing.step_memory``, on CPU too) and, when ``timed``, the
+    quantiles, with the gradients set to None before every repetition (not timed: the Timing's quantiles
+    are None, for :func:`interleaved_quantiles`)."""
     check, first_call_s = first_step(step, device)
     for p in step.params:
         p.grad = None
@@ -113,8 +114,27 @@ def measure_step(step: Step, device: torch.device) -> tuple[Timing, Check]:
         # The CPU tracker is a dispatch mode, under which PyTorch cannot create some tensor subclasses
         # (SDPA's CausalBias): the step ran above; its memory is not measured.
         kept = peak = None
-    median, p20, p80 = quantiles(step.run, step.params, device, cpu_min_reps=CPU_MIN_REPS)
+    median = p20 = p80 = None
+    if timed:
+        median, p20, p80 = quantiles(step.run, step.params, device)
     return Timing(median, p20, p80, first_call_s, peak, kept), check
+
+
+def interleaved_quantiles(steps: list[Step], min_reps: int = CPU_MIN_REPS) -> list[tuple[float, float, float]]:
+    """CPU: median, p20 and p80 milliseconds of each step, timed in turns (one call of each, then again),
+    so that a slow spell of a shared machine falls on every variant alike rather than on whichever ran
+    then; at least ``min_reps`` calls each, more while ``CPU_BUDGET_S`` per step lasts (at most
+    ``CPU_MAX_REPS``)."""
+    samples: list[list[float]] = [[] for _ in steps]
+    deadline = time.perf_counter() + CPU_BUDGET_S * len(steps)
+    while len(samples[0]) < min_reps or (len(samples[0]) < CPU_MAX_REPS and time.perf_counter() < deadline):
+        for step, times in zip(steps, samples, strict=True):
+            for p in step.params:
+                p.grad = None
+            start = time.perf_counter()
+            step.run()
+            times.append((time.perf_counter() - start) * 1e3)
+    return [sample_quantiles(times) for times in samples]
 
 
 def relative_l2(grads: list[Tensor | None], anchor: list[Tensor | None]) -> float:
@@ -141,6 +161,7 @@ class ModelEntry:
     anchor: ClassVar[str]
     throughput_unit: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = (MODE,)
+    cpu_min_reps: int = CPU_MIN_REPS  # timed calls per variant on CPU, at least
     name: str
     batches: tuple[int, ...]
     note: str
@@ -233,6 +254,7 @@ class SharedBlocks(ModelEntry):
     real_input_len: int | None = None  # the real model's input length, when input_len is shorter
     backend: str = "triton"
     note: str = ""
+    cpu_min_reps: int = CPU_MIN_REPS
 
     def describe(self) -> str:
         real = f" (real model: {self.real_input_len})" if self.real_input_len else ""
@@ -490,6 +512,7 @@ BLOCKS_MODELS = (
         cross_heads=8,
         backend="reference",
         note="CPU-sized: 128 x 256 latents, 4 layers per block, a 512 x 64 input; reference attention",
+        cpu_min_reps=11,  # the two recomputing variants are a few percent apart: more calls than the default
     ),
 )
 

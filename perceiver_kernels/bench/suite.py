@@ -31,7 +31,7 @@ from perceiver_kernels.testing import BENCH_AGREEMENT_RTOL
 
 from . import report
 from .models import MODE as MODEL_MODE
-from .models import MODEL_SUITES, ModelEntry, Variant, measure_step, relative_l2
+from .models import MODEL_SUITES, ModelEntry, Variant, interleaved_quantiles, measure_step, relative_l2
 from .providers import PROVIDERS, Inputs, Unavailable, make_inputs
 from .shapes import SUITES, Shape
 from .timing import device_ceilings, measure, synchronize
@@ -304,19 +304,29 @@ def _run_model(entry: ModelEntry, modes, device, dtype, results, bar, started, t
                     built[key] = entry.build(device, dtype, size)
                 return built[key]
 
+            rows, untimed = [], []  # CPU: the steps still to time, together, once every variant has run
             for variant in entry.ordered_variants():
                 if spent():
                     row = _model_row(entry, variant, size, status="skipped", reason="time budget spent")
                 else:
-                    row, check = _measure_model_row(entry, model, variant, size, device, dtype, anchor)
+                    row, check, step = _measure_model_row(entry, model, variant, size, device, dtype, anchor)
                     if variant.name == entry.anchor and row["status"] == "ok":
                         anchor = check
                     del check  # a non-anchor check is not needed once compared
+                    if step is not None:
+                        untimed.append((row, step))
+                rows.append(row)
+            if untimed:
+                timings = interleaved_quantiles([step for _, step in untimed], entry.cpu_min_reps)
+                for (row, step), (median, p20, p80) in zip(untimed, timings, strict=True):
+                    row.update(ms=median, p20_ms=p20, p80_ms=p80, throughput=step.units / median * 1e3)
+                    _release(step, device)
+            del anchor, untimed
+            for row in rows:
                 results["rows"].append(row)
                 bar.update(1)
                 if row["status"] != "skipped":
                     bar.write(report.row_line(row))
-            del anchor
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
@@ -333,20 +343,22 @@ def _model_row(entry: ModelEntry, variant: Variant, size: dict, **fields) -> dic
     return {**row, **size, **fields}
 
 
-def _measure_model_row(entry, model, variant, size, device, dtype, anchor) -> tuple[dict, object]:
-    """One variant's row and the check of its first step (None when it did not run)."""
+def _measure_model_row(entry, model, variant, size, device, dtype, anchor) -> tuple[dict, object, object]:
+    """One variant's row, the check of its first step (None when it did not run) and, on CPU, the step
+    still to be timed with the others of its size (``interleaved_quantiles``; None on a GPU, where
+    ``do_bench`` timed it here)."""
     step = None
     try:
         backend = entry.backend_of(variant)
         if backend is not None and (reason := pk.backend_unavailable_reason(backend, probe(device))):
             raise Unavailable(reason)
         step = entry.step(model(), variant, size, device)
-        timing, check = measure_step(step, device)
+        timing, check = measure_step(step, device, timed=device.type == "cuda")
     except Unavailable as e:
-        return _model_row(entry, variant, size, status="n/a", reason=str(e)), None
+        return _model_row(entry, variant, size, status="n/a", reason=str(e)), None, None
     except torch.OutOfMemoryError:
         _release(step, device)
-        return _model_row(entry, variant, size, status="n/a", reason="out of device memory"), None
+        return _model_row(entry, variant, size, status="n/a", reason="out of device memory"), None, None
     except Exception as e:  # noqa: BLE001 - reported with the row, as for the attention providers
         text = str(e).strip()
         reason = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
@@ -356,13 +368,18 @@ def _measure_model_row(entry, model, variant, size, device, dtype, anchor) -> tu
         except RuntimeError as fatal:
             raise DeviceFailure(row, fatal) from e
         _release(step, device)
-        return row, None
-    _release(step, device)
+        return row, None, None
     row = _model_row(
         entry, variant, size, status="ok", ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
         first_call_s=timing.first_call_s, peak_mib=_mib(timing.peak_bytes), kept_mib=_mib(timing.kept_bytes),
-        throughput=step.units / timing.median_ms * 1e3, throughput_unit=entry.throughput_unit, loss=check.loss,
+        throughput_unit=entry.throughput_unit, loss=check.loss,
     )  # fmt: skip
+    if timing.median_ms is None:
+        _clear_grads(step)  # timed later, with the other variants of its size
+    else:
+        row["throughput"] = step.units / timing.median_ms * 1e3
+        _release(step, device)
+        step = None
     if variant.name == entry.anchor:
         row["anchor"] = True
     elif anchor is None:
@@ -384,18 +401,22 @@ def _measure_model_row(entry, model, variant, size, device, dtype, anchor) -> tu
                 f"differs from {entry.anchor}: output max rel diff {out_diff:.2e}, gradients rel L2 {grad_diff:.2e}"
                 f"{loss}"
             )
-    return row, check
+    return row, check, step
 
 
 def _mib(nbytes: int | None) -> float | None:
     return None if nbytes is None else nbytes / 2**20
 
 
-def _release(step, device: torch.device) -> None:
-    """Drop the gradients a step left, so the next variant starts from the weights alone."""
+def _clear_grads(step) -> None:
     if step is not None:
         for p in step.params:
             p.grad = None
+
+
+def _release(step, device: torch.device) -> None:
+    """Drop the gradients a step left, so the next variant starts from the weights alone."""
+    _clear_grads(step)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

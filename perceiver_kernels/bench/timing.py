@@ -148,12 +148,9 @@ def step_memory(run: Callable[[Callable[[], None]], object], device: torch.devic
     return kept[0], live.peak
 
 
-def quantiles(
-    step: Callable, grads: list[Tensor], device: torch.device, cpu_min_reps: int = CPU_MIN_REPS
-) -> tuple[float, float, float]:
-    """Median, p20 and p80 milliseconds of ``step()`` (``do_bench`` on CUDA, wall clock on CPU: at least
-    ``cpu_min_reps`` calls); the ``grads`` tensors' ``.grad`` is reset between repetitions so that backward does
-    not accumulate."""
+def quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tuple[float, float, float]:
+    """Median, p20 and p80 milliseconds of ``step()`` (``do_bench`` on CUDA, wall clock on CPU); the
+    ``grads`` tensors' ``.grad`` is reset between repetitions so that backward does not accumulate."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -161,11 +158,16 @@ def quantiles(
         return tuple(float(x) for x in ms)
     samples = []
     deadline = time.perf_counter() + CPU_BUDGET_S
-    while len(samples) < cpu_min_reps or (len(samples) < CPU_MAX_REPS and time.perf_counter() < deadline):
+    while len(samples) < CPU_MIN_REPS or (len(samples) < CPU_MAX_REPS and time.perf_counter() < deadline):
         _zero(grads)
         start = time.perf_counter()
         step()
         samples.append((time.perf_counter() - start) * 1e3)
+    return sample_quantiles(samples)
+
+
+def sample_quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """``QUANTILES`` (median, p20, p80) of wall-clock samples, linearly interpolated."""
     values = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
     return tuple(float(x) for x in values)
 
