@@ -3,10 +3,12 @@
 # project's pins do not govern): install the package without dependencies, run the GPU test suite,
 # compute-sanitizer (memcheck, racecheck) over the CUDA backend, `perceiver-kernels check --device cuda`
 # `perceiver-kernels bench --suite host` (per-call host overhead, into OUT_DIR/host), `--suite sharded` (ranks
-# emulated in one process, into OUT_DIR/sharded) and `perceiver-kernels bench --suite perceiver` (attention shapes, then the model entries shared-blocks and model-ar-train),
-# writing logs, bench.json, tables and plots into OUT_DIR. Every step has a timeout so that the whole run
-# fits in about 9.5 minutes (the install also builds the CUDA extension): TEST_TIMEOUT, SANITIZER_TIMEOUT
-# (per tool), CHECK_TIMEOUT, HOST_TIMEOUT, SHARDED_TIMEOUT, BENCH_TIMEOUT (seconds). The bench skips (and records)
+# emulated in one process, into OUT_DIR/sharded), the shared-blocks entry (into OUT_DIR/blocks) and
+# `perceiver-kernels bench --suite perceiver` (attention shapes, then the model entries shared-blocks and
+# model-ar-train), writing logs, bench.json, tables and plots into OUT_DIR. Every step has a timeout so that the
+# whole run fits in about 10.5 minutes (the install also builds the CUDA extension): TEST_TIMEOUT,
+# SANITIZER_TIMEOUT (per tool), CHECK_TIMEOUT, HOST_TIMEOUT, SHARDED_TIMEOUT, BLOCKS_TIMEOUT, BENCH_TIMEOUT
+# (seconds). The bench skips (and records)
 # the rows left once BENCH_BUDGET is spent, and on the timeout's SIGTERM it still writes what it
 # measured. BENCH_ARGS adds bench options (e.g. --providers, --shapes).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR
@@ -69,6 +71,14 @@ step sharded
 timeout -k 10 "${SHARDED_TIMEOUT:-30}" python3 -m perceiver_kernels bench --suite sharded --device cuda \
   --out "$out/sharded" 2>&1 | tee "$out/sharded.log"
 echo "sharded exit: ${PIPESTATUS[0]}"
+
+step blocks
+# The shared-block modes on the Perceiver IO ImageNet encoder (reuse, checkpointing, the memory mode; L 2/4/8 x
+# batch 1/4/16): time, kept and peak memory (perceiver_kernels/bench/models.py), before the main bench whose
+# budget usually ends before its model entries.
+timeout -k 10 "${BLOCKS_TIMEOUT:-45}" python3 -m perceiver_kernels bench --suite perceiver --shapes shared-blocks \
+  --device cuda --out "$out/blocks" --no-progress 2>&1 | tee "$out/blocks.log"
+echo "blocks exit: ${PIPESTATUS[0]}"
 
 step bench
 timeout -k 30 "${BENCH_TIMEOUT:-150}" python3 -m perceiver_kernels bench --suite perceiver --device cuda --out "$out" \
