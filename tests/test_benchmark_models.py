@@ -145,6 +145,25 @@ def test_a_step_checks_dropout_rows_and_gradients():
     assert models.relative_l2(checks[0].grads, checks[1].grads) == 0.0
 
 
+def test_live_bytes_follows_storages_until_freed():
+    """timing.LiveBytes (the CPU memory figures): fresh storages count until freed, an ``out=`` tensor at its
+    resized size, views and in-place results of tensors from before not at all."""
+    from perceiver_kernels.bench.timing import LiveBytes
+
+    before = torch.zeros(256)  # 1 KiB, allocated before the mode
+    with LiveBytes() as live:
+        a = torch.ones(1024)  # 4 KiB
+        view, _ = before[:128], before.add_(1)
+        out = torch.empty(0)
+        torch.mul(a, 2, out=out)  # resized to 4 KiB
+        assert live.live == 8192
+        del a, out
+        b = torch.ones(512)  # 2 KiB
+        assert live.live == 2048 and live.peak == 8192
+    del b, view
+    assert live.live == 0
+
+
 def test_cpu_timing_interleaves_the_variants():
     """On CPU the variants of a size are timed in turns, so that a slow spell falls on all of them."""
     calls = []

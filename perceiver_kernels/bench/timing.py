@@ -107,23 +107,28 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
-        self._counted: set[int] = set()  # the storages now alive that are counted, by their C++ address
+        self._counted: dict[int, int] = {}  # the storages now alive that are counted: C++ address -> bytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         given = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if _has_storage(t)}
         for t in tree_leaves(out):
-            if _has_storage(t) and (key := t.untyped_storage()._cdata) not in given and key not in self._counted:
-                storage = t.untyped_storage()
-                self._counted.add(key)
+            if not _has_storage(t):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in self._counted:  # counted before; an ``out=`` op may have resized it since
+                self.live += storage.nbytes() - self._counted[key]
+                self._counted[key] = storage.nbytes()
+            elif key not in given:
+                self._counted[key] = storage.nbytes()
                 self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._freed, key, storage.nbytes())
+                weakref.finalize(storage, self._freed, key)
+            self.peak = max(self.peak, self.live)
         return out
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        self._counted.discard(key)
-        self.live -= nbytes
+    def _freed(self, key: int) -> None:
+        self.live -= self._counted.pop(key)
 
 
 def _has_storage(t) -> bool:
