@@ -1,5 +1,5 @@
 """pytest-benchmark view of the suite: one test per (shape, mode, provider), and one per (model entry,
-batch, variant).
+size, variant).
 
 On a GPU (``pytest benchmarks/ --benchmark-only``) the ``perceiver`` suite in bfloat16, each round
 synchronised; on CPU the ``quick`` suite in float32 for one round, a smoke test of the same pipeline
@@ -29,9 +29,11 @@ GPU_ROUNDS, GPU_WARMUP_ROUNDS = 20, 3
 
 CASES = [pytest.param(shape, mode, id=f"{shape.name}-{mode}") for shape in SUITE for mode in shape.modes]
 MODEL_CASES = [
-    pytest.param(entry, batch, variant.name, id=f"{entry.name}-B{batch}-{variant.name}")
+    pytest.param(
+        entry, size, variant.name, id=f"{entry.name}-{'-'.join(f'{k}{v}' for k, v in size.items())}-{variant.name}"
+    )  # fmt: skip
     for entry in MODELS
-    for batch in entry.batches
+    for size in entry.sizes()
     for variant in entry.variants
 ]
 
@@ -77,19 +79,19 @@ def test_attention(benchmark, shape, mode, provider):
         assert diff <= BENCH_AGREEMENT_RTOL[DTYPE], f"{provider} differs from the reference: {diff:.2e}"
 
 
-@pytest.mark.parametrize("entry,batch,variant", MODEL_CASES)
-def test_model(benchmark, entry, batch, variant):
+@pytest.mark.parametrize("entry,size,variant", MODEL_CASES)
+def test_model(benchmark, entry, size, variant):
     """A model entry's variant (``perceiver_kernels/bench/models.py``): one fwd+bwd step per round; our variants'
     first step is checked against the anchor's (output and gradients)."""
     variant = entry.variant(variant)
     backend = entry.backend_of(variant)
     if backend is not None and (reason := pk.backend_unavailable_reason(backend, torch.empty(0, device=DEVICE))):
         pytest.skip(f"{backend}: {reason}")
-    model = entry.build(DEVICE, DTYPE)
-    step = entry.step(model, variant, batch, DEVICE)
+    model = entry.build(DEVICE, DTYPE, size)
+    step = entry.step(model, variant, size, DEVICE)
     check, _ = first_step(step, DEVICE)
     if variant.ours:
-        anchor, _ = first_step(entry.step(model, entry.variant(entry.anchor), batch, DEVICE), DEVICE)
+        anchor, _ = first_step(entry.step(model, entry.variant(entry.anchor), size, DEVICE), DEVICE)
         assert relative_difference(check.output, anchor.output) <= BENCH_AGREEMENT_RTOL[DTYPE]
         assert relative_l2(check.grads, anchor.grads) <= BENCH_AGREEMENT_RTOL[DTYPE]
         del anchor
@@ -104,7 +106,7 @@ def test_model(benchmark, entry, batch, variant):
         synchronize(DEVICE)
         return out
 
-    benchmark.group = f"{entry.name} B{batch}"
+    benchmark.group = f"{entry.name} {' '.join(f'{k} {v}' for k, v in size.items())}"
     benchmark.extra_info.update(units=step.units, unit=entry.throughput_unit, dtype=str(DTYPE))
     if DEVICE.type == "cuda":
         benchmark.pedantic(run, setup=zero_grads, rounds=GPU_ROUNDS, warmup_rounds=GPU_WARMUP_ROUNDS)

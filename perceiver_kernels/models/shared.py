@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.checkpoint import checkpoint
 
@@ -112,6 +113,7 @@ class _RecomputedChain(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable  # a double backward through the recomputation raises instead of going wrong
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         inputs = [*ctx.saved_tensors, *ctx.inputs]
         device = inputs[0].device
