@@ -21,6 +21,9 @@ from pathlib import Path
 from .shapes import SHAPES
 
 OURS_COLOR, OTHER_COLOR = "#d95f02", "#7570b3"
+# Suites whose CPU numbers are a result (plain PyTorch modules timed on the CPU: the shared-block modes), not
+# only a check of the pipeline (the kernels in Triton's interpreter).
+CPU_RESULT_SUITES = ("blocks",)
 OTHER_COLORS = (OTHER_COLOR, "#1b9e77", "#e7298a", "#66a61e", "#e6ab02")  # model plots: one per other variant
 
 
@@ -208,7 +211,9 @@ def _model_table(shape: dict, rows: list[dict]) -> list[str]:
 def _title(results: dict) -> str:
     device = results["device"]
     v = results["versions"]
-    where = device["name"] if device["type"] == "cuda" else f"{device['name']}, CPU numbers prove the pipeline only"
+    where = device["name"]
+    if device["type"] != "cuda" and results.get("suite") not in CPU_RESULT_SUITES:
+        where += ", CPU numbers prove the pipeline only"
     sha = results.get("git", {}).get("sha", "unknown")[:10]
     return (
         f"perceiver-kernels bench, suite {results.get('suite', '?')}, {results['dtype']}, on {where}; "
@@ -240,7 +245,7 @@ def markdown_summary(results: dict) -> str:
         )
     model_rows = [r for r in results["rows"] if is_model(r)]
     if model_rows:
-        lines += ["", *_model_markdown(model_rows)]
+        lines = [*lines, "", *_model_markdown(model_rows)] if rows else _model_markdown(model_rows)
     return "\n".join(lines)
 
 
@@ -366,7 +371,9 @@ def _wrap(text: str, width: int) -> str:
 def _where(results: dict) -> str:
     device = results["device"]
     where = f"{device['name']}, {results['dtype']}, {results['timestamp'][:10]}"
-    return where if device["type"] == "cuda" else f"{where} (CPU: a pipeline check, not a performance result)"
+    if device["type"] == "cuda" or results.get("suite") in CPU_RESULT_SUITES:
+        return where
+    return f"{where} (CPU: a pipeline check, not a performance result)"
 
 
 def _summary_plot(results: dict, out_dir: Path, plt) -> Path:
