@@ -17,6 +17,7 @@ struct CommonParams {
   const void* v;
   const bool* key_padding_mask;  // (B, Nk), True = padding; may be null
   const int64_t* kv_lengths;     // (B,) as int64; may be null
+  const int64_t* keys_after;     // (B,) as int64; may be null: causal counts the sequence's keys after these
   // kv_index (B, Nk') int64: attend to key rows kv_index[b] (prefix dropout); num_gathered = Nk'. Masks,
   // rotary positions and padding flags follow the memory rows; kv_lengths and causal refer to Nk'.
   const int64_t* kv_index;
@@ -38,7 +39,7 @@ struct CommonParams {
   int batch, heads, num_queries, num_keys;
   int head_dim_qk, head_dim_v;
   float scale;  // applied to q.k
-  bool causal;  // bottom-right aligned: query i sees key j iff j <= i + L_b - Nq
+  bool causal;  // bottom-right aligned: query i sees key j iff j <= i + L_b + keys_after[b] - Nq
 };
 
 struct AttentionParams : CommonParams {

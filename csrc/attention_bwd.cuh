@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Back
   }
 
   // Queries that can see any of these keys: all, or (causal) those at or after key n0's diagonal.
-  const int offset = causal_offset(length, p.num_queries);  // causal: query i sees key j iff j <= i + offset
+  const int offset = diagonal_offset(p, axis, b);  // causal: query i sees key j iff j <= i + offset
   const int first_query = p.causal ? max(0, n0 - offset) : 0;
   const bool any_work = n0 < length && first_query < p.num_queries;
 
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
   const bool* pad = padding_row(p, b);  // padded keys are never loaded
   const int length = axis.length;
   int tile_begin, tile_end;
-  forward_key_tiles(p, axis, m0, kDqQueries, kBlockN, split, p.num_splits, tile_begin, tile_end);
+  forward_key_tiles(p, axis, b, m0, kDqQueries, kBlockN, split, p.num_splits, tile_begin, tile_end);
 
   const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
   const auto [do_base, lse_base, delta_base] = head_gradients<T>(p, b, h);
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p) {
     lse_log2[r] = rows[r] < p.num_queries ? lse_base[rows[r]] * kLog2e : -INFINITY;
     delta[r] = rows[r] < p.num_queries ? delta_base[rows[r]] : 0.f;
   }
-  const int offset = causal_offset(length, p.num_queries);  // causal: query i sees key j iff j <= i + offset
+  const int offset = diagonal_offset(p, axis, b);  // causal: query i sees key j iff j <= i + offset
   float acc[D / 8][4];
 #pragma unroll
   for (int jd = 0; jd < D / 8; ++jd) {

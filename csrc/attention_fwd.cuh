@@ -82,8 +82,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   const int64_t* index = axis.index;
   const bool* pad = padding_row(p, b);  // padded keys are never loaded
   const int length = axis.length;
+  const int offset = diagonal_offset(p, axis, b);  // causal: key <= row + offset
   int tile_begin, tile_end;
-  forward_key_tiles(p, axis, m0, kBlockM, kBlockN, split, p.num_splits, tile_begin, tile_end);
+  forward_key_tiles(p, axis, b, m0, kBlockM, kBlockN, split, p.num_splits, tile_begin, tile_end);
 
   const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
   const float scale_log2 = p.scale * kLog2e;
@@ -168,7 +169,6 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       for (int c = 0; c < 2; ++c) {
         const int key = n0 + j * 8 + 2 * quad + c;
         const bool visible = key_visible(p, axis, b, key);
-        const int offset = causal_offset(length, p.num_queries);  // causal: key <= row + offset
         if (!visible || (p.causal && key > row0 + offset)) s[j][c] = -INFINITY;
         if (!visible || (p.causal && key > row1 + offset)) s[j][2 + c] = -INFINITY;
       }

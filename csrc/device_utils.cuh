@@ -275,6 +275,17 @@ __device__ __forceinline__ KeyAxis key_axis(const CommonParams& p, int b) {
 // the Triton kernels' causal_offset (perceiver_kernels/kernels/common.py).
 __device__ __forceinline__ int causal_offset(int length, int num_queries) { return length - num_queries; }
 
+// ... of sample b's key axis, where (keys_after) the sequence goes on for keys_after[b] more keys held elsewhere
+// (a chunk of it): clamped to [0, size], beyond which the diagonal already passes every key.
+__device__ __forceinline__ int diagonal_offset(const CommonParams& p, const KeyAxis& axis, int b) {
+  int after = 0;
+  if (p.keys_after != nullptr) {
+    const int64_t given = p.keys_after[b];
+    after = static_cast<int>(given < 0 ? 0 : (given > axis.size ? axis.size : given));
+  }
+  return causal_offset(axis.length, p.num_queries) + after;
+}
+
 // Whether key j of the axis is visible apart from the causal mask: below L_b and not padding (the flag of
 // its memory row).
 __device__ __forceinline__ bool key_visible(const CommonParams& p, const KeyAxis& axis, int b, int key) {
@@ -306,12 +317,13 @@ __device__ __forceinline__ void rotate_keys(Storage* tile, const CommonParams& p
 // The key tiles [begin, end) of size block_n that split `split` of `num_splits` walks for the query block
 // starting at m0 (block_m rows): every tile up to the last key any of its rows can see (causal: the last
 // row's diagonal), divided into contiguous ranges per split.
-__device__ __forceinline__ void forward_key_tiles(const CommonParams& p, const KeyAxis& axis, int m0, int block_m,
-                                                  int block_n, int split, int num_splits, int& begin, int& end) {
+__device__ __forceinline__ void forward_key_tiles(const CommonParams& p, const KeyAxis& axis, int b, int m0,
+                                                  int block_m, int block_n, int split, int num_splits, int& begin,
+                                                  int& end) {
   int key_end = axis.length;
   if (p.causal) {
     const int last_row = min(m0 + block_m, p.num_queries) - 1;
-    key_end = max(0, min(axis.length, last_row + causal_offset(axis.length, p.num_queries) + 1));
+    key_end = max(0, min(axis.length, last_row + diagonal_offset(p, axis, b) + 1));
   }
   const int num_tiles = (key_end + block_n - 1) / block_n;
   const int tiles_per_split = (num_tiles + num_splits - 1) / num_splits;

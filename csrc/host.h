@@ -146,18 +146,33 @@ inline at::Tensor check_rope(const std::optional<at::Tensor>& rope, const char* 
   return t.contiguous();
 }
 
-// The inputs both ops share, checked: kv_lengths as int64, kv_index and the rotary tables (undefined where
-// absent).
+// keys_after (B,) as an int64 tensor (a device-side cast), or undefined.
+inline at::Tensor check_keys_after(const std::optional<at::Tensor>& keys_after, const at::Tensor& k,
+                                   const at::Tensor& q) {
+  if (!keys_after.has_value()) return {};
+  const int64_t batch = k.size(0);
+  TORCH_CHECK(keys_after->dim() == 1 && keys_after->size(0) == batch &&
+                  (keys_after->scalar_type() == at::kInt || keys_after->scalar_type() == at::kLong),
+              kOp, "keys_after must be int32/int64 (", batch, "), got ", keys_after->scalar_type(), " ",
+              shape_of(*keys_after));
+  TORCH_CHECK(keys_after->device() == q.device(), kOp, "keys_after must be on ", q.device());
+  return keys_after->to(at::kLong).contiguous();
+}
+
+// The inputs both ops share, checked: kv_lengths and keys_after as int64, kv_index and the rotary tables
+// (undefined where absent).
 struct Checked {
-  at::Tensor lengths, index, q_table, k_table;
+  at::Tensor lengths, index, q_table, k_table, after;
 };
 
 inline Checked check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
                   const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
-                  const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, double scale) {
+                  const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, double scale,
+                  const std::optional<at::Tensor>& keys_after) {
   Checked c;
   c.lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, scale);
+  c.after = check_keys_after(keys_after, k, q);
   c.index = check_kv_index(kv_index, k);
   c.q_table = check_rope(q_rope, "q_rope", rotary_dim, k.size(0), q.size(1), k.size(3), q);
   c.k_table = check_rope(k_rope, "k_rope", rotary_dim, k.size(0), k.size(1), k.size(3), q);
@@ -182,9 +197,11 @@ struct Prepared {
 inline Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
                         const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
-                        const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, double scale) {
+                        const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, double scale,
+                        const std::optional<at::Tensor>& keys_after) {
   Prepared in{with_unit_last_dim(q), with_unit_last_dim(k), with_unit_last_dim(v), {}, 0};
-  in.checked = check_all(in.q, in.k, in.v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale);
+  in.checked = check_all(in.q, in.k, in.v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, scale,
+                         keys_after);
   in.key_axis = in.checked.index.defined() ? in.checked.index.size(1) : in.k.size(1);
   return in;
 }
@@ -215,6 +232,7 @@ inline void fill_common(CommonParams& p, const at::Tensor& q, const at::Tensor& 
     p.mask_row_stride = key_padding_mask->stride(1);
   }
   if (lengths.defined()) p.kv_lengths = lengths.data_ptr<int64_t>();
+  if (c.after.defined()) p.keys_after = c.after.data_ptr<int64_t>();
   if (index.defined()) {
     p.kv_index = index.data_ptr<int64_t>();
     p.kv_index_batch_stride = index.stride(0);

@@ -69,10 +69,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
-    int64_t num_splits) {
+    int64_t num_splits, const std::optional<at::Tensor>& keys_after) {
   check_cuda(q_arg, k_arg, v_arg);
   const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
-                              rotary_dim, scale);
+                              rotary_dim, scale, keys_after);
   const c10::cuda::CUDAGuard guard(in.q.device());
   return attention_forward(in.q, in.k, in.v, key_padding_mask, in.checked, rotary_dim, rotary_interleaved, causal,
                            scale, num_splits, cuda_kernels(use_tensor_cores(in.q, in.k, in.v, in.key_axis)));
@@ -84,10 +84,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attention_bwd(
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
-    int64_t num_splits) {
+    int64_t num_splits, const std::optional<at::Tensor>& keys_after) {
   check_cuda(q_arg, k_arg, v_arg);
   const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
-                              rotary_dim, scale);
+                              rotary_dim, scale, keys_after);
   const c10::cuda::CUDAGuard guard(in.q.device());
   const bool tensor_cores = use_tensor_cores(in.q, in.k, in.v, in.key_axis);
   if (!tensor_cores) {  // the SIMT backward adds dQ with float32 atomics: their order varies between runs
@@ -104,11 +104,12 @@ TORCH_LIBRARY_FRAGMENT(perceiver_kernels, m) {
   m.def(
       "cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_lengths, "
       "Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, int rotary_dim, bool rotary_interleaved, bool causal, "
-      "float scale, int num_splits) -> (Tensor, Tensor)");
+      "float scale, int num_splits, Tensor? keys_after=None) -> (Tensor, Tensor)");
   m.def(
       "cuda_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? kv_lengths, Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, "
-      "int rotary_dim, bool rotary_interleaved, bool causal, float scale, int num_splits) -> (Tensor, Tensor, Tensor)");
+      "int rotary_dim, bool rotary_interleaved, bool causal, float scale, int num_splits, Tensor? keys_after=None) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(perceiver_kernels, CUDA, m) {

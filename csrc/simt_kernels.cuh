@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
   const KeyAxis axis = key_axis(p, b);
   const bool* pad = padding_row(p, b);  // padded keys are never loaded
   int tile_begin, tile_end;
-  forward_key_tiles(p, axis, m0, kTile, kTile, blockIdx.y, p.num_splits, tile_begin, tile_end);
-  const int offset = causal_offset(axis.length, p.num_queries);  // causal: key <= row + offset
+  forward_key_tiles(p, axis, b, m0, kTile, kTile, blockIdx.y, p.num_splits, tile_begin, tile_end);
+  const int offset = diagonal_offset(p, axis, b);  // causal: key <= row + offset
   const float scale_log2 = p.scale * kLog2e;
 
   const auto [q_base, k_base, v_base] = head_inputs<T>(p, b, h);
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) simt_backward_kernel(const BackwardP
   float* dq_base = p.dq_accum + b * p.dq_batch_stride + h * p.dq_head_stride;
 
   // Queries that can see any of these keys: all, or (causal) those at or after key n0's diagonal.
-  const int offset = causal_offset(axis.length, p.num_queries);  // causal: query i sees key j iff j <= i + offset
+  const int offset = diagonal_offset(p, axis, b);  // causal: query i sees key j iff j <= i + offset
   const int first_query = p.causal ? max(0, n0 - offset) : 0;
   const bool any_work = n0 < axis.length && first_query < p.num_queries;
 

@@ -34,6 +34,7 @@ def attention(
     rotary_base: float = 10000.0,
     rotary_interleaved: bool = True,
     kv_index: Tensor | None = None,
+    keys_after: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused multi-head attention with Perceiver semantics.
 
@@ -69,6 +70,11 @@ def attention(
             keeps its position and padding flag, ``causal`` and ``kv_lengths`` refer to the gathered
             axis of length ``Nk'``, and rows not gathered get zero gradients. Out-of-range rows are
             clamped; order and range are checked only when value checks are on.
+        keys_after: int32/int64 ``(B,)``, with ``causal`` only: these keys are a chunk of a longer
+            sequence that goes on for ``keys_after[b]`` more keys (held elsewhere, e.g. on other ranks);
+            the causal diagonal counts them: query ``i`` sees key ``j`` iff ``j <= i + L_b + keys_after[b]
+            - Nq``. Values are clamped to ``[0, Nk]`` (more shifts nothing further; below 0 an error when
+            value checks are on). With rotary, give ``q_positions``.
 
     Tensors may have any strides as long as the last dim is contiguous. dtypes: float16, bfloat16,
     float32 (computed at float32 accuracy: 3xTF32 on a GPU, never plain TF32); float64 is accepted for
@@ -85,6 +91,7 @@ def attention(
     problem = describe(
         q, k, v, causal, key_padding_mask, kv_lengths, scale, rotary_dim=rotary_dim, q_positions=q_positions,
         k_positions=k_positions, rotary_base=rotary_base, rotary_interleaved=rotary_interleaved, kv_index=kv_index,
+        keys_after=keys_after,
     )  # fmt: skip
     if return_lse is not True and return_lse is not False:
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")

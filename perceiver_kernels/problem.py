@@ -58,14 +58,16 @@ class AttentionProblem(NamedTuple):
     heads: int
     head_dim_qk: int
     head_dim_v: int
+    keys_after: Tensor | None = None  # int (B,): the sequence's keys after these; moves the causal diagonal
 
 
-def causal_offset(length, num_queries):
+def causal_offset(length, num_queries, keys_after=0):
     """The causal diagonal, bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + offset``
-    with ``offset = L_b - Nq`` (``L_b`` the sample's valid keys). The latents are the last ``Nq``
-    positions of the sequence (Perceiver AR). Works on ints and tensors alike; the Triton kernels'
-    ``causal_offset`` (kernels/common.py) and the CUDA kernels' (csrc/device_utils.cuh) are the same."""
-    return length - num_queries
+    with ``offset = L_b + A_b - Nq`` (``L_b`` the sample's valid keys, ``A_b = keys_after[b]`` the keys of
+    the sequence that follow them elsewhere, 0 by default). The latents are the last ``Nq`` positions of the
+    sequence (Perceiver AR). Works on ints and tensors alike; the Triton kernels' ``causal_offset``
+    (kernels/common.py) and the CUDA kernels' (csrc/device_utils.cuh) are the same."""
+    return length + keys_after - num_queries
 
 
 _value_checks = os.environ.get("PERCEIVER_KERNELS_CHECK_VALUES", "0").lower() in ("1", "true", "on", "yes")
@@ -104,6 +106,7 @@ def describe(
     rotary_interleaved: bool = True,
     kv_index: Tensor | None = None,
     num_splits: int = 0,
+    keys_after: Tensor | None = None,
 ) -> AttentionProblem:
     """Validate ``pk.attention``'s arguments (see its docstring) and describe the problem.
 
@@ -180,6 +183,15 @@ def describe(
             raise ValueError(f"kv_lengths must have shape (B,) = ({batch},), got {tuple(kv_lengths.shape)}")
         if kv_lengths.device != device:
             raise ValueError(f"kv_lengths is on {kv_lengths.device} but q is on {device}")
+    if keys_after is not None:
+        if not isinstance(keys_after, Tensor) or keys_after.dtype not in INDEX_DTYPES:
+            raise TypeError("keys_after must be an int32 or int64 tensor")
+        if keys_after.shape != (batch,):
+            raise ValueError(f"keys_after must have shape (B,) = ({batch},), got {tuple(keys_after.shape)}")
+        if keys_after.device != device:
+            raise ValueError(f"keys_after is on {keys_after.device} but q is on {device}")
+        if not causal:
+            raise ValueError("keys_after only moves the causal diagonal: it needs causal=True")
     num_keys = num_rows
     if kv_index is not None:
         if not isinstance(kv_index, Tensor) or kv_index.dtype != torch.int64:
@@ -207,13 +219,17 @@ def describe(
                 raise ValueError(f"{name} is given but rotary_dim is 0; positions only matter with rotary embeddings")
             validate_positions(name, positions, batch, length, device)
         rotary_base = float(rotary_base)
+    if keys_after is not None and rotary_dim and q_positions is None:
+        raise ValueError("rotary with keys_after needs explicit q_positions (the default places the queries at "
+                         "the end of the keys given)")  # fmt: skip
     if type(num_splits) is not int or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: the backend's choice), got {num_splits!r}")
     if _value_checks and not tracing():
-        check_values(kv_lengths, kv_index, num_rows)
+        check_values(kv_lengths, kv_index, num_rows, keys_after)
     return AttentionProblem(
         q, k, v, causal, key_padding_mask, kv_lengths, kv_index, scale, rotary_dim, q_positions, k_positions,
         rotary_base, rotary_interleaved, num_splits, batch, q_shape[1], num_keys, heads, head_dim_qk, head_dim_v,
+        keys_after,
     )  # fmt: skip
 
 
@@ -229,8 +245,12 @@ def tracing() -> bool:
     return get(key.FAKE) is not None or get(key.PROXY) is not None or get(key.FUNCTIONAL) is not None
 
 
-def check_values(kv_lengths: Tensor | None, kv_index: Tensor | None, num_rows: int) -> None:
+def check_values(
+    kv_lengths: Tensor | None, kv_index: Tensor | None, num_rows: int, keys_after: Tensor | None = None
+) -> None:
     """The value checks :func:`set_value_checks` switches on (each reads the tensor: a device sync)."""
+    if keys_after is not None and keys_after.numel() and bool((keys_after < 0).any()):
+        raise ValueError(f"keys_after values must be >= 0, got {keys_after.tolist()}")
     if kv_lengths is not None and kv_lengths.numel():
         if bool(((kv_lengths < 0) | (kv_lengths > num_rows)).any()):
             raise ValueError(f"kv_lengths values must lie in [0, Nk={num_rows}], got {kv_lengths.tolist()}")

@@ -27,11 +27,12 @@ def visible_keys(
     key_padding_mask: Tensor | None,
     kv_lengths: Tensor | None,
     device: torch.device,
+    keys_after: Tensor | None = None,
 ) -> Tensor:
     """Boolean mask, broadcastable to ``(B, 1, Nq, Nk)``, True where query ``i`` of sample ``b`` may see
     key ``j``. As small as the masks allow (it also serves as the benchmarks' SDPA mask):
     ``(B, 1, 1, Nk)`` for padding or lengths alone, ``(1, 1, Nq, Nk)`` for a causal mask shared by the
-    batch, ``(B, 1, Nq, Nk)`` where per-sample lengths meet the causal mask."""
+    batch, ``(B, 1, Nq, Nk)`` where per-sample lengths (or ``keys_after``) meet the causal mask."""
     key_index = torch.arange(num_keys, device=device)
     visible = torch.ones(1, 1, 1, num_keys, dtype=torch.bool, device=device)
     lengths: Tensor | int = num_keys
@@ -44,7 +45,10 @@ def visible_keys(
     if causal:
         # Bottom-right alignment: the last query row lines up with the last valid key of its sample.
         query_index = torch.arange(num_queries, device=device)[:, None]
-        visible = visible & (key_index <= query_index + causal_offset(lengths, num_queries))
+        after: Tensor | int = 0
+        if keys_after is not None:  # clamped to [0, Nk] as the kernels clamp it: more shifts nothing further
+            after = keys_after.to(device=device, dtype=torch.long).clamp(0, num_keys)[:, None, None, None]
+        visible = visible & (key_index <= query_index + causal_offset(lengths, num_queries, after))
     return visible
 
 
@@ -130,6 +134,7 @@ def reference_attention(
         key_padding_mask=key_padding_mask,
         kv_lengths=kv_lengths,
         device=q.device,
+        keys_after=problem.keys_after,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
     if num_keys == 0:  # amax over an empty axis is undefined: one invisible zero key, joined (q, k, v keep their

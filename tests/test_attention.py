@@ -15,6 +15,7 @@ from perceiver_kernels.testing import (
     AttentionCase,
     backend_fn,
     check_case,
+    compare,
     far_apart_inputs,
     far_rows_inputs,
     forward_backward,
@@ -314,3 +315,70 @@ def test_gathered_rows_more_than_2_31_elements_in(device):
         near = triton_fn()(q, near_k, near_v, causal=True)
     for what, a, b in zip(("out", "lse"), far, near, strict=True):
         assert torch.equal(a, b), f"{what} differs when the gathered rows lie past 2**31 elements"
+
+
+def chunked_causal(q, k, v, lengths, bounds, backend):
+    """Causal attention over ``k``/``v`` computed chunk by chunk (keys ``[s, e)`` of each bound) with
+    ``keys_after`` and per-chunk ``kv_lengths``, merged: what ranks holding the chunks compute."""
+    from perceiver_kernels.distributed import merge_attention
+
+    outs, lses = [], []
+    for start, end in bounds:
+        local = (lengths - start).clamp(0, end - start)
+        after = (lengths - end).clamp(min=0)
+        out, lse = pk.attention(
+            q, k[:, start:end], v[:, start:end], causal=True, kv_lengths=local, keys_after=after, backend=backend,
+            return_lse=True,
+        )  # fmt: skip
+        outs.append(out)
+        lses.append(lse)
+    return merge_attention(outs, lses)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_keys_after_lets_chunks_of_a_causal_sequence_merge_to_the_whole(backend, device):
+    """``keys_after`` moves the causal diagonal by the keys that follow a chunk: chunks of a right-padded
+    causal sequence (the diagonal crossing chunk bounds, a chunk past a sample's length, an empty chunk)
+    merge to attention over all keys, forward and every gradient, on the reference and Triton."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, n, 2, d, device=device, dtype=torch.float64, requires_grad=True)
+               for n, d in ((5, 8), (23, 8), (23, 6)))  # fmt: skip
+    lengths = torch.tensor([23, 17, 9], device=device)  # sample 2's latents (keys 4..8) straddle two chunks
+    expected, expected_lse = pk.attention(q, k, v, causal=True, kv_lengths=lengths, return_lse=True,
+                                          backend="reference")  # fmt: skip
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    qc, kc, vc = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = chunked_causal(qc, kc, vc, lengths, [(0, 7), (7, 7), (7, 15), (15, 23)], backend)
+    grads = torch.autograd.grad(out, (qc, kc, vc), grad.to(dtype))
+    for actual, reference in zip((out, lse, *grads), (expected, expected_lse, *expected_grads), strict=True):
+        assert compare(actual, reference, dtype=dtype).ok, (actual - reference).abs().max()
+    if backend == "triton":  # the split-KV forward too: each split's key range follows the moved diagonal
+        from perceiver_kernels.problem import describe
+
+        local, after = (lengths - 7).clamp(0, 8), (lengths - 15).clamp(min=0)
+        problem = describe(qc, kc[:, 7:15], vc[:, 7:15], True, kv_lengths=local, keys_after=after, num_splits=3)
+        split_out, split_lse = triton_attention(problem)
+        whole_out, whole_lse = pk.attention(qc, kc[:, 7:15], vc[:, 7:15], causal=True, kv_lengths=local,
+                                            keys_after=after, backend="reference", return_lse=True)  # fmt: skip
+        assert compare(split_out, whole_out.double(), dtype=dtype).ok and compare(split_lse, whole_lse.double()).ok
+
+
+def test_keys_after_is_validated():
+    q, k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1, 4)
+    after = torch.tensor([1, 0])
+    with pytest.raises(ValueError, match="keys_after only moves the causal diagonal"):
+        pk.attention(q, k, v, keys_after=after)
+    with pytest.raises(ValueError, match=r"keys_after must have shape \(B,\)"):
+        pk.attention(q, k, v, causal=True, keys_after=after[:1])
+    with pytest.raises(TypeError, match="keys_after must be an int32 or int64 tensor"):
+        pk.attention(q, k, v, causal=True, keys_after=after.float())
+    with pytest.raises(ValueError, match="rotary with keys_after needs explicit q_positions"):
+        pk.attention(q, k, v, causal=True, keys_after=after, rotary_dim=4)
+    previous = pk.set_value_checks(True)
+    try:
+        with pytest.raises(ValueError, match="keys_after values must be >= 0"):
+            pk.attention(q, k, v, causal=True, keys_after=torch.tensor([-1, 0]))
+    finally:
+        pk.set_value_checks(previous)

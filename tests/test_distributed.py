@@ -115,11 +115,16 @@ def test_sharded_attention_needs_a_process_group():
 CASES = {
     "uneven": dict(lengths=[5, 11]),
     "causal-tail": dict(lengths=[7, 9], causal=True, nq=5, return_lse=True),
+    "causal-crossing": dict(lengths=[7, 3], causal=True, nq=5, padding=[6, 8]),  # the latents straddle the ranks
     "padding-rotary": dict(lengths=[8, 8], causal=True, padding=[1, 2, 3], rotary_dim=8),
     "rotary-positions": dict(lengths=[3, 10], rotary_dim=8, positions="explicit", return_lse=True),
     "kv-index": dict(lengths=[9, 7], kv_index=True, q_batch=1),
     "empty-rank": dict(lengths=[6, 0, 9], q_batch=1, dv=24),
     "causal-tail-3": dict(lengths=[4, 6, 9], causal=True, nq=6, padding=[0, 1, 2, 3, 5]),
+    # right-padded: sample 0's latents cross ranks 1 and 2, sample 1's sit on rank 1 (rank 2 has none of its keys)
+    "kv-lengths-causal-3": dict(
+        lengths=[6, 6, 6], causal=True, nq=5, kv_lengths=[16, 9], rotary_dim=8, return_lse=True
+    ),
     "causal-4-planned": dict(
         lengths=[3, 0, 5, 8], causal=True, nq=6, q_batch=1, dqk=24, dv=8, padding=[2, 3, 9], rotary_dim=8, plan=True
     ),  # fmt: skip

@@ -23,6 +23,7 @@ from fuzz_strategies import FUZZ_SETTINGS, cases, dtypes, failures, seeds
 from hypothesis import given
 from hypothesis import strategies as st
 
+import perceiver_kernels as pk
 from perceiver_kernels.ops import cuda_attention, cuda_extension
 from perceiver_kernels.ops.arguments import op_arguments
 from perceiver_kernels.problem import describe
@@ -126,22 +127,24 @@ class Emulated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, lengths, index, q_rope, k_rope, rotary_dim, interleaved, causal, scale, splits,
-                tensor_cores, seed):  # fmt: skip
-        options = (rotary_dim, interleaved, causal, scale, splits, tensor_cores, seed)
+                keys_after, tensor_cores, seed):  # fmt: skip
+        options = (rotary_dim, interleaved, causal, scale, splits)
+        family = (tensor_cores, seed)
         out, lse = torch.ops.perceiver_kernels_emulation.attention_fwd(
-            q, k, v, mask, lengths, index, q_rope, k_rope, *options
+            q, k, v, mask, lengths, index, q_rope, k_rope, *options, keys_after, *family
         )
-        ctx.save_for_backward(q, k, v, out, lse, mask, lengths, index, q_rope, k_rope)
-        ctx.options = options
+        ctx.save_for_backward(q, k, v, out, lse, mask, lengths, index, q_rope, k_rope, keys_after)
+        ctx.options, ctx.family = options, family
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, mask, lengths, index, q_rope, k_rope = ctx.saved_tensors
+        q, k, v, out, lse, mask, lengths, index, q_rope, k_rope, keys_after = ctx.saved_tensors
         grads = torch.ops.perceiver_kernels_emulation.attention_bwd(
-            grad_out.contiguous(), grad_lse, q, k, v, out, lse, mask, lengths, index, q_rope, k_rope, *ctx.options
-        )
-        return *grads, *([None] * 12)
+            grad_out.contiguous(), grad_lse, q, k, v, out, lse, mask, lengths, index, q_rope, k_rope, *ctx.options,
+            keys_after, *ctx.family,
+        )  # fmt: skip
+        return *grads, *([None] * 13)
 
 
 def emulated_fn(num_splits: int, seed: int, tensor_cores: bool = False):
@@ -305,3 +308,34 @@ def test_fuzz_kernels_match_reference(case, dtype, num_splits, seed, tensor_core
     failed = failures(check_case(case, dtype, "cpu", emulated_fn(num_splits, seed % 1000, tensor_cores)))
     family = "tensor-core" if tensor_cores else "simt"
     assert not failed, f"{family} {case} {dtype} splits={num_splits} seed={seed}: {failed}"
+
+
+@pytest.mark.parametrize("family, dtype", [("simt", torch.float32), ("tensor-core", torch.float16)])
+def test_keys_after_lets_chunks_merge_to_the_whole(family, dtype):
+    """As the Triton test of the same name: chunks of a right-padded causal sequence, each with its
+    ``keys_after`` (the diagonal crossing chunk bounds; a chunk past a sample's length; split-KV in one chunk),
+    merge to attention over all keys, forward and every gradient."""
+    from perceiver_kernels.distributed import merge_attention
+
+    load()
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(3, n, 2, 16, dtype=torch.float64, requires_grad=True) for n in (5, 70, 70))
+    lengths = torch.tensor([70, 41, 20])
+    expected, expected_lse = pk.attention(q, k, v, causal=True, kv_lengths=lengths, return_lse=True,
+                                          backend="reference")  # fmt: skip
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    qc, kc, vc = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    outs, lses = [], []
+    for (start, end), splits in (((0, 18), 1), ((18, 40), 2), ((40, 70), 1)):
+        local, after = (lengths - start).clamp(0, end - start), (lengths - end).clamp(min=0)
+        attend = emulated_fn(splits, 0, tensor_cores=family == "tensor-core")
+        out, lse = attend(qc, kc[:, start:end], vc[:, start:end], causal=True, kv_lengths=local, keys_after=after)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = merge_attention(outs, lses)
+    grads = torch.autograd.grad(out, (qc, kc, vc), grad.to(dtype))
+    for name, actual, reference in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads),
+                                       (expected, expected_lse, *expected_grads), strict=True):  # fmt: skip
+        tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(actual.double(), reference, rtol=tolerance, atol=tolerance, msg=name)

@@ -121,19 +121,23 @@ def sharded_attention(
         q: ``(Bq, Nq, H, Dqk)``, the same on every rank.
         k, v: this rank's shard ``(B, Nk_r, H, Dqk)``, ``(B, Nk_r, H, Dv)``.
         group: the process group (default: the world).
-        causal: bottom-right causal over the concatenated keys. The last ``Nq`` keys (the latents) must
-            sit on one rank, the last with keys (the tail plan); a shard that would need a shifted diagonal
-            raises.
-        key_padding_mask: this shard's bool ``(B, Nk_r)``. kv_lengths: this shard's valid rows
-            ``(B,)`` (not with ``causal``). kv_index: this shard's kept rows ``(B, Nk_r')`` (local indices).
+        causal: bottom-right causal over the concatenated keys, for any layout: a rank whose keys are
+            followed by others runs its local causal mask with the diagonal moved by them
+            (``pk.attention``'s ``keys_after``), or none when its keys all lie before the latents.
+        key_padding_mask: this shard's bool ``(B, Nk_r)``. kv_lengths: this shard's valid rows ``(B,)``: the
+            concatenation of every rank's valid keys, with their sum as its ``kv_lengths`` (a right-padded
+            sequence split across ranks: its valid tail may cross shards). With ``causal`` or default rotary
+            positions the ranks' lengths are all-gathered (a collective, no host synchronisation).
+            kv_index: this shard's kept rows ``(B, Nk_r')`` (local indices).
         rotary_dim, q_positions, k_positions, rotary_base, rotary_interleaved: as in ``pk.attention``, with
             global positions: ``k_positions`` defaults to the keys' places in the concatenation and
-            ``q_positions`` to its last ``Nq`` places (with ``kv_index``, give both).
+            ``q_positions`` to its last ``Nq`` places, or the last ``Nq`` before each sample's total valid
+            length with ``kv_lengths`` (with ``kv_index``, give both).
         keys_before, keys_after: how many attended keys the ranks before and after this one hold (on the
             kept axis with ``kv_index``; a :class:`ShardPlan`'s ``rows_before`` / ``rows_after``). Needed only
             for ``causal`` or default rotary positions. When not given they are all-gathered with a layout
-            check (a host synchronisation): head dims, dtypes and options that differ across ranks, or a
-            causal layout that needs a shifted diagonal, then raise on every rank alike. Given, they must come
+            check (a host synchronisation): head dims, dtypes and options that differ across ranks then raise
+            on every rank alike. Given, they must come
             from one plan valid on all ranks: a rank that raises alone leaves the others waiting in the
             collective. Under value checks (:func:`~perceiver_kernels.set_value_checks`) the layout is always
             exchanged and checked, with a checksum of ``q`` (which must be replicated). Under
@@ -150,8 +154,6 @@ def sharded_attention(
                              f"{getattr(t, 'shape', type(t).__name__)}")  # fmt: skip
     attended = k.shape[1] if kv_index is None else kv_index.shape[1]
     num_queries = q.shape[1]
-    if causal and kv_lengths is not None:
-        raise ValueError("sharded_attention: kv_lengths with causal is not supported (use key_padding_mask)")
     counts = None
     need_counts = causal or (rotary_dim and (q_positions is None or k_positions is None))
     missing = need_counts and (keys_before is None or keys_after is None)
@@ -162,29 +164,31 @@ def sharded_attention(
         layout = (bool(causal), scale, rotary_dim, rotary_base, bool(rotary_interleaved))
         counts = _exchange_layout(q, k, v, attended, layout, group)
         keys_before, keys_after = sum(counts[:rank]), sum(counts[rank + 1 :])
-    local_causal = False
-    if causal:
-        # Checked on the gathered counts, every rank raises alike (one rank leaving early would hang the rest).
-        for r, n in enumerate([attended] if counts is None else counts):
-            after = keys_after if counts is None else sum(counts[r + 1 :])
-            if n > 0 and 0 < after < num_queries:
-                raise ValueError(
-                    f"sharded_attention: causal needs the last Nq={num_queries} keys on one rank, but a shard of {n} "
-                    f"keys is followed by only {after} (a shifted causal diagonal is not supported)"
-                )
-        local_causal = keys_after == 0  # the tail: its own bottom-right diagonal is the global one
-    if rotary_dim and (q_positions is None or k_positions is None):
-        if kv_index is not None:  # positions count original rows, the neighbour counts kept ones
-            raise ValueError("sharded_attention: rotary with kv_index needs explicit q_positions and k_positions")
-        total = keys_before + attended + keys_after
-        if k_positions is None:
-            k_positions = (torch.arange(attended, device=q.device) + keys_before)[None]
-        if q_positions is None:
-            q_positions = (torch.arange(num_queries, device=q.device) + (total - num_queries))[None]
+    if rotary_dim and (q_positions is None or k_positions is None) and kv_index is not None:
+        # positions count original rows, the neighbours' counts kept ones
+        raise ValueError("sharded_attention: rotary with kv_index needs explicit q_positions and k_positions")
+    lengths = None  # (world, B): every rank's valid keys per sample
+    if kv_lengths is not None and (causal or (rotary_dim and q_positions is None)):
+        lengths = _gather_lengths(kv_lengths, attended, group)
+    local_causal, shift = causal, None
+    if causal and lengths is not None:  # each sample's diagonal counts the later ranks' valid keys
+        shift = lengths[rank + 1 :].sum(0)
+    elif causal and keys_after >= num_queries:  # every local key lies before the first latent: no mask
+        local_causal = False
+    elif causal and keys_after > 0:  # the latents start on this rank and go on beyond it
+        shift = torch.full((k.shape[0],), keys_after, dtype=torch.int64, device=q.device)
+    if rotary_dim and k_positions is None:
+        k_positions = (torch.arange(attended, device=q.device) + keys_before)[None]
+    if rotary_dim and q_positions is None:
+        queries = torch.arange(num_queries, device=q.device)
+        if lengths is None:
+            q_positions = (queries + (keys_before + attended + keys_after - num_queries))[None]
+        else:
+            q_positions = (lengths.sum(0) - num_queries)[:, None] + queries
     out_r, lse_r = attention(
         q, k, v, local_causal, key_padding_mask, kv_lengths, scale, backend, True, rotary_dim=rotary_dim,
         q_positions=q_positions, k_positions=k_positions, rotary_base=rotary_base,
-        rotary_interleaved=rotary_interleaved, kv_index=kv_index,
+        rotary_interleaved=rotary_interleaved, kv_index=kv_index, keys_after=shift,
     )  # fmt: skip
     out, lse = _MergeAcrossRanks.apply(out_r, lse_r, group, q, k, v)
     return (out, lse) if return_lse else out
@@ -193,6 +197,16 @@ def sharded_attention(
 # What every rank must pass alike, in one float64 vector (exact for ints below 2**53): the query's shape,
 # the head dims, the dtypes and the options; ``[0]`` is the rank's own key count, ``[-2:]`` q's checksum.
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _gather_lengths(kv_lengths: Tensor, attended: int, group) -> Tensor:
+    """Every rank's ``kv_lengths`` (clamped to its key count, as its kernels clamp them): ``(world, B)`` int64, on
+    the device (a collective, no host synchronisation)."""
+    world = dist.get_world_size(group)
+    mine = kv_lengths.to(torch.int64).clamp(0, attended).contiguous()
+    lengths = mine.new_empty((world * mine.shape[0],))
+    _all_gather_into(lengths, mine, group)
+    return lengths.view(world, -1)
 
 
 def _exchange_layout(q: Tensor, k: Tensor, v: Tensor, attended: int, options: tuple, group) -> list[int]:

@@ -26,6 +26,7 @@ from .common import (
     Prologue,
     _key_kept,
     _key_rows,
+    _keys_after,
     _kv_length,
     _load_rows,
     _load_tile,
@@ -158,7 +159,7 @@ def _dkdv_query_loop(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DQacc, DK, DV_, KeyPad, KvLen, KvIndex, QRope, KRope,
+    Q, K, V, DOut, Lse, Delta, DQacc, DK, DV_, KeyPad, KvLen, KvIndex, QRope, KRope, KeysAfter,
     stride_gb, stride_gm, stride_gh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
@@ -174,6 +175,7 @@ def _bwd_dkdv_kernel(
     H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM, DQK_OUT, DV_OUT,
     qk_scale, sm_scale, num_n_blocks, num_z,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    HAS_KEYS_AFTER: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
@@ -216,7 +218,7 @@ def _bwd_dkdv_kernel(
     offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
     kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
-    offset = causal_offset(kv_len, Nq)
+    offset = causal_offset(kv_len, Nq) + _keys_after(KeysAfter, b, Nk, HAS_KEYS_AFTER)
     n_mask = offs_n < kv_len
     rows = _key_rows(KvIndex + b * stride_ib, offs_n, offs_n < Nk, Nk_rows, HAS_KV_INDEX)
     keep = n_mask
@@ -318,7 +320,7 @@ def _dq_key_loop(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Out, DLse, Lse, Delta, DQ, KeyPad, KvLen, KvIndex, QRope, KRope,
+    Q, K, V, DOut, Out, DLse, Lse, Delta, DQ, KeyPad, KvLen, KvIndex, QRope, KRope, KeysAfter,
     stride_gb, stride_gm, stride_gh,
     stride_ob, stride_om, stride_oh,
     stride_glb, stride_glh,
@@ -334,6 +336,7 @@ def _bwd_dq_kernel(
     H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM, DQK_OUT,
     qk_scale, sm_scale, keys_per_split, num_m_blocks, num_splits,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    HAS_KEYS_AFTER: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -353,7 +356,7 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < Nq
     kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
-    offset = causal_offset(kv_len, Nq)
+    offset = causal_offset(kv_len, Nq) + _keys_after(KeysAfter, b, Nk, HAS_KEYS_AFTER)
     lo, key_end, hi, full_end = _split_key_range(pid_m, split, keys_per_split, kv_len, offset, CAUSAL, BLOCK_M, BLOCK_N)
 
     q = _load_tile(
@@ -512,6 +515,7 @@ def attention_backward(
     scale: float,
     num_splits: int = 0,
     config: configs.BackwardConfig | None = None,
+    keys_after: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_forward`; the arguments are the ``triton_attention_bwd`` op's.
 
@@ -529,7 +533,7 @@ def attention_backward(
     if kv_index is not None and k.shape[1] == 0:
         kv_index = kv_index[:, :0]  # nothing was gathered: every gradient is zero
     sig = signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
-                    causal)  # fmt: skip
+                    causal, keys_after)  # fmt: skip
     plan = backward_plan(sig, scale, num_splits, grad_lse is not None, config)
     pro = plan.pro
     if not plan.dq_split:  # dQ by float32 atomics: their order, and so dQ's rounding, varies between runs
@@ -544,7 +548,9 @@ def attention_backward(
         return dq.zero_(), new_like(k).zero_(), dv.zero_()
     stats = lse.dtype
     lse = lse.contiguous()
-    q_in, k_in, v_in, *masks = kernel_inputs(pro, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    q_in, k_in, v_in, *masks = kernel_inputs(
+        pro, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, keys_after
+    )
     if pro.copy_v:  # out and dO are read with v's kernel head dim
         out, grad_out = with_head_dim(out, pro.kernel_head_dim_v), with_head_dim(grad_out, pro.kernel_head_dim_v)
     if q_rope is None:

@@ -21,6 +21,7 @@ from .common import (
     Prologue,
     _key_kept,
     _key_rows,
+    _keys_after,
     _kv_length,
     _load_rows,
     _load_tile,
@@ -86,7 +87,7 @@ def _fwd_key_loop(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, KeyPad, KvLen, KvIndex, QRope, KRope,
+    Q, K, V, Out, Lse, KeyPad, KvLen, KvIndex, QRope, KRope, KeysAfter,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -99,6 +100,7 @@ def _fwd_kernel(
     H, Nq, Nk, Nk_rows, DQK, DV, ROT_DIM, DV_OUT,
     qk_scale, keys_per_split, num_m_blocks, num_z,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    HAS_KEYS_AFTER: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
@@ -132,7 +134,7 @@ def _fwd_kernel(
     m_mask = offs_m < Nq
 
     kv_len = _kv_length(KvLen, b, Nk, HAS_KVLEN)
-    offset = causal_offset(kv_len, Nq)
+    offset = causal_offset(kv_len, Nq) + _keys_after(KeysAfter, b, Nk, HAS_KEYS_AFTER)
     lo, key_end, hi, full_end = _split_key_range(pid_m, split, keys_per_split, kv_len, offset, CAUSAL, BLOCK_M, BLOCK_N)
 
     if NUM_DK == 1:
@@ -316,6 +318,7 @@ def attention_forward(
     scale: float,
     num_splits: int = 0,
     config: configs.LaunchConfig | None = None,
+    keys_after: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward; the arguments are the ``triton_attention_fwd`` op's (already validated).
 
@@ -327,6 +330,7 @@ def attention_forward(
         q_rope, k_rope: float32 cos/sin tables ``(2, 1 or B, N, rotary_dim / 2)``, or None.
         num_splits: key-axis splits; 0 picks them from the SM count (see ``configs.plan_kv_splits``).
         config: tile shape override (benchmarks sweep it); default ``configs.forward_config``.
+        keys_after: int ``(B,)`` or None: keys of the sequence after these, added to the causal diagonal.
 
     Returns:
         ``out (B, Nq, H, Dv)`` (contiguous) in q's dtype and ``lse (B, H, Nq)`` (float32; float64 for
@@ -335,13 +339,13 @@ def attention_forward(
     if kv_index is not None and k.shape[1] == 0:
         kv_index = kv_index[:, :0]  # nothing to gather from: no key is visible
     sig = signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
-                    causal)  # fmt: skip
+                    causal, keys_after)  # fmt: skip
     plan = forward_plan(sig, scale, num_splits, config)
     out = q.new_empty(plan.out_shape)
     lse = q.new_empty(plan.lse_shape, dtype=configs.stats_dtype(q.dtype))
     if plan.grid[0] == 0:
         return out, lse
-    inputs = kernel_inputs(plan.pro, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    inputs = kernel_inputs(plan.pro, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, keys_after)
     if plan.merge_grid is None:
         launch(_fwd_kernel, plan.grid, (*inputs[:3], out, lse, *inputs[3:], *plan.ints), plan.constexprs)
         return out, lse

@@ -43,6 +43,16 @@ def _visible(
 
 
 @triton.jit
+def _keys_after(KeysAfter, b, Nk, HAS_KEYS_AFTER: tl.constexpr):
+    """``keys_after[b]`` clamped to ``[0, Nk]`` (more moves the diagonal past every key already), or 0: added
+    to :func:`causal_offset`."""
+    after = 0
+    if HAS_KEYS_AFTER:
+        after = tl.minimum(tl.maximum(tl.load(KeysAfter + b).to(tl.int32), 0), Nk)
+    return after
+
+
+@triton.jit
 def _kv_length(KvLen, b, Nk, HAS_KVLEN: tl.constexpr):
     """Valid keys of sample ``b``: ``kv_lengths[b]`` clamped to ``[0, Nk]``, or ``Nk``."""
     kv_len = Nk
@@ -230,6 +240,7 @@ class Prologue(NamedTuple):
     copy_v: bool
     copy_index: bool  # kv_index / kv_lengths copied to unit stride
     copy_lengths: bool
+    copy_keys_after: bool
     broadcast_q: bool  # batch-1 q under a larger batch: read with batch stride 0
     is_cuda: bool  # planned for a GPU (configs.targets_gpu): GPU tiles
     element_size: int  # bytes per input element: 16-bit and float32 inputs get different tiles
@@ -240,7 +251,9 @@ class Prologue(NamedTuple):
     flags: dict  # constexprs shared by every attention kernel
 
 
-def signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, interleaved, causal):
+def signature(
+    q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, interleaved, causal, keys_after=None
+):
     """The key under which launch plans are cached: every shape, stride, dtype, device and flag a launch
     depends on (data pointers are Triton's business: it specialises on their alignment itself)."""
     return (
@@ -249,7 +262,7 @@ def signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, r
         None if kv_lengths is None else kv_lengths.stride(),
         None if kv_index is None else (kv_index.shape[1], kv_index.stride()),
         None if q_rope is None else (q_rope.shape, q_rope.stride(), k_rope.shape, k_rope.stride()),
-        rotary_dim, interleaved, causal,
+        rotary_dim, interleaved, causal, None if keys_after is None else keys_after.stride(),
     )  # fmt: skip
 
 
@@ -257,7 +270,7 @@ def signature(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, r
 def prologue(sig: tuple) -> Prologue:
     """The :class:`Prologue` of a :func:`signature`."""
     q_shape, q_stride, k_shape, k_stride, v_shape, v_stride, dtype, device = sig[:8]
-    pad_stride, lengths_stride, index, rope, rotary_dim, interleaved, causal = sig[8:]
+    pad_stride, lengths_stride, index, rope, rotary_dim, interleaved, causal, after_stride = sig[8:]
     batch, num_rows, heads, head_dim_qk = k_shape
     num_queries, head_dim_v = q_shape[1], v_shape[3]
     num_keys = num_rows if index is None else index[0]
@@ -274,6 +287,7 @@ def prologue(sig: tuple) -> Prologue:
         strides[0] = 0
     copy_index = index is not None and index[1][1] != 1 and index[0] > 1
     copy_lengths = lengths_stride is not None and lengths_stride[0] != 1 and batch > 1
+    copy_keys_after = after_stride is not None and after_stride[0] != 1 and batch > 1
     index_stride = 0 if index is None else (index[0] if copy_index else index[1][0])
     rope_strides = (0,) * 6
     if rope is not None:
@@ -289,22 +303,26 @@ def prologue(sig: tuple) -> Prologue:
         qk_tiles=configs.head_dim_tiling(kernel_qk, configs.QK_CHUNK),
         v_tiles=configs.head_dim_tiling(kernel_v, configs.V_CHUNK),
         copy_q=copy_q, copy_k=copy_k, copy_v=copy_v, copy_index=copy_index, copy_lengths=copy_lengths,
+        copy_keys_after=copy_keys_after,
         broadcast_q=broadcast_q, is_cuda=is_cuda, element_size=dtype.itemsize, sms=configs.sm_count(device),
         input_strides=tuple(strides),
         mask_strides=(*(pad_stride or (0, 0)), index_stride, *rope_strides),
         sizes=(heads, num_queries, num_keys, num_rows, kernel_qk, kernel_v, rotary_dim),
         flags=dict(
             CAUSAL=causal, HAS_PAD=pad_stride is not None, HAS_KVLEN=lengths_stride is not None,
-            HAS_KV_INDEX=index is not None, ROTARY=rope is not None, INTERLEAVED=interleaved,
+            HAS_KV_INDEX=index is not None, HAS_KEYS_AFTER=after_stride is not None, ROTARY=rope is not None,
+            INTERLEAVED=interleaved,
             DOT_PRECISION=dot_precision(dtype), ACC_DTYPE=acc_dtype(dtype),
         ),
     )  # fmt: skip
 
 
-def kernel_inputs(pro: Prologue, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope) -> tuple:
-    """The ten pointer arguments every attention kernel starts with... minus the outputs: ``(q, k, v,
-    padding, lengths, kv_index, q_rope, k_rope)``, copied where the prologue says so. An absent
-    optional tensor is passed as ``q`` (never read: its flag is off), so nothing is allocated for it."""
+def kernel_inputs(
+    pro: Prologue, q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, keys_after=None
+) -> tuple:
+    """The pointer arguments every attention kernel takes, minus the outputs: ``(q, k, v, padding, lengths,
+    kv_index, q_rope, k_rope, keys_after)``, copied where the prologue says so. An absent optional tensor is
+    passed as ``q`` (never read: its flag is off), so nothing is allocated for it."""
     if pro.copy_q:
         q = with_head_dim(q, pro.kernel_head_dim_qk)
     if pro.copy_k:
@@ -315,6 +333,8 @@ def kernel_inputs(pro: Prologue, q, k, v, key_padding_mask, kv_lengths, kv_index
         kv_index = kv_index.contiguous()
     if pro.copy_lengths:
         kv_lengths = kv_lengths.contiguous()
+    if pro.copy_keys_after:
+        keys_after = keys_after.contiguous()
     return (
         q, k, v,
         q if key_padding_mask is None else key_padding_mask.view(torch.uint8),
@@ -322,6 +342,7 @@ def kernel_inputs(pro: Prologue, q, k, v, key_padding_mask, kv_lengths, kv_index
         q if kv_index is None else kv_index,
         q if q_rope is None else q_rope,
         q if k_rope is None else k_rope,
+        q if keys_after is None else keys_after,
     )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from ..rotary import rope_tables
 def op_arguments(problem: AttentionProblem) -> tuple:
     """The arguments of ``perceiver_kernels::{triton,cuda}_attention_fwd`` for a described problem:
     ``(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
-    causal, scale, num_splits)``.
+    causal, scale, num_splits, keys_after)``.
 
     With rotary, ``q_rope``/``k_rope`` are the float32 cos/sin tables ``(2, 1 or B, N, rotary_dim / 2)``
     of the queries and of the (original) key rows (``rotary.rope_tables``), and a broadcast batch-1
@@ -24,5 +24,5 @@ def op_arguments(problem: AttentionProblem) -> tuple:
             q = q.expand(problem.batch, -1, -1, -1)
     return (
         q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, problem.rotary_interleaved,
-        causal, scale, problem.num_splits,
+        causal, scale, problem.num_splits, problem.keys_after,
     )  # fmt: skip

@@ -90,25 +90,25 @@ def cuda_attention(problem: AttentionProblem) -> tuple[Tensor, Tensor]:
         num_splits = configs.num_kv_splits(
             base_programs, configs.cdiv(problem.num_keys, BLOCK_N), configs.sm_count(problem.q.device)
         )
-    return torch.ops.perceiver_kernels.cuda_attention_fwd(*args[:-1], num_splits)
+    return torch.ops.perceiver_kernels.cuda_attention_fwd(*args[:12], num_splits, args[13])
 
 
 def _reference_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
-                    causal, scale, num_splits):  # fmt: skip
+                    causal, scale, num_splits, keys_after=None):  # fmt: skip
     """The schema on CPU: the reference, rotating by the given cos/sin tables ``(2, 1|B, N, R/2)``."""
     if rotary_dim:
         q = rotate(q, q_rope[0], q_rope[1], rotary_dim, rotary_interleaved)
         k = rotate(k, k_rope[0], k_rope[1], rotary_dim, rotary_interleaved)
     out, lse = attention_reference(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, scale=scale,
-        return_lse=True, kv_index=kv_index,
+        return_lse=True, kv_index=kv_index, keys_after=keys_after,
     )  # fmt: skip
     batch = k.shape[0]
     return out.expand(batch, -1, -1, -1).contiguous(), lse.to(torch.float32).contiguous()
 
 
 def _fake_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved,
-               causal, scale, num_splits):  # fmt: skip
+               causal, scale, num_splits, keys_after=None):  # fmt: skip
     batch, num_queries, heads = k.shape[0], q.shape[1], q.shape[2]
     out = q.new_empty((batch, num_queries, heads, v.shape[3]))
     return out, q.new_empty((batch, heads, num_queries), dtype=torch.float32)
@@ -116,9 +116,11 @@ def _fake_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, interleaved, causal, scale, splits = (
-        inputs
+        inputs[:13]
     )
-    ctx.save_for_backward(q, k, v, *output, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    keys_after = inputs[13] if len(inputs) > 13 else None
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, keys_after)
+    ctx.num_inputs = len(inputs)
     # The tensor-core backward's dQ pass has the forward's grid (query blocks of 64), so the forward's split
     # of the key axis serves it too.
     ctx.options = (rotary_dim, interleaved, causal, scale, splits)
@@ -126,13 +128,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, keys_after = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.perceiver_kernels.cuda_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, *ctx.options
-    )
-    return dq, dk, dv, *([None] * 10)
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, *ctx.options,
+        keys_after,
+    )  # fmt: skip
+    return dq, dk, dv, *([None] * (ctx.num_inputs - 3))
 
 
 def _no_context(ctx, inputs, output):
@@ -144,7 +147,8 @@ def _no_double_backward(ctx, *grads):
 
 
 def _reference_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope,
-                        k_rope, rotary_dim, rotary_interleaved, causal, scale, num_splits):  # fmt: skip
+                        k_rope, rotary_dim, rotary_interleaved, causal, scale, num_splits,
+                        keys_after=None):  # fmt: skip
     """The backward schema on CPU: gradients of the reference (``dq`` summed over a broadcast batch).
 
     ``torch.func.vjp`` rather than ``torch.autograd``: a kernel runs below the autograd dispatch keys,
@@ -152,7 +156,8 @@ def _reference_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask,
 
     def forward(q, k, v):
         out_ref, lse_ref = _reference_impl(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
-                                           rotary_dim, rotary_interleaved, causal, scale, num_splits)  # fmt: skip
+                                           rotary_dim, rotary_interleaved, causal, scale, num_splits,
+                                           keys_after)  # fmt: skip
         return out_ref, torch.where(torch.isfinite(lse_ref), lse_ref, 0.0)  # -inf rows carry no gradient
 
     (out_ref, lse_ref), vjp = torch.func.vjp(forward, q.detach(), k.detach(), v.detach())
@@ -161,5 +166,5 @@ def _reference_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask,
 
 
 def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
-                   rotary_dim, rotary_interleaved, causal, scale, num_splits):  # fmt: skip
+                   rotary_dim, rotary_interleaved, causal, scale, num_splits, keys_after=None):  # fmt: skip
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))

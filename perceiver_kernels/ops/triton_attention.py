@@ -47,7 +47,7 @@ def triton_attention(problem: AttentionProblem) -> tuple[Tensor, Tensor]:
     q, k, v = args[:3]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(*args)
-    return launchers()[0](*args)
+    return launchers()[0](*args[:13], keys_after=args[13])
 
 
 @torch.library.custom_op("perceiver_kernels::triton_attention_fwd", mutates_args=())
@@ -65,20 +65,22 @@ def triton_attention_fwd(
     causal: bool,
     scale: float,
     num_splits: int,
+    keys_after: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``q (Bq, Nq, H, Dqk)``, ``k (B, Nk, H, Dqk)``, ``v (B, Nk, H, Dv)`` -> ``out (B, Nq, H, Dv)``,
     ``lse (B, H, Nq)``. ``kv_index (B, Nk')`` gathers key rows; ``q_rope``/``k_rope`` are the
     ``(2, 1 or B, N, rotary_dim / 2)`` cos/sin tables of the queries and the (original) keys.
-    ``num_splits`` 0 lets the launcher choose the split-KV factor."""
+    ``num_splits`` 0 lets the launcher choose the split-KV factor. ``keys_after (B,)`` moves the causal
+    diagonal by the keys of the sequence that follow these."""
     return launchers()[0](
         q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal,
-        scale, num_splits,
+        scale, num_splits, keys_after=keys_after,
     )  # fmt: skip
 
 
 @triton_attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, rotary_interleaved, causal, scale,
-      num_splits):  # fmt: skip
+      num_splits, keys_after=None):  # fmt: skip
     batch, heads, num_queries = k.shape[0], q.shape[2], q.shape[1]
     out = q.new_empty((batch, num_queries, heads, v.shape[3]))
     lse = q.new_empty((batch, heads, num_queries), dtype=configs.stats_dtype(q.dtype))
@@ -104,34 +106,37 @@ def triton_attention_bwd(
     causal: bool,
     scale: float,
     num_splits: int,
+    keys_after: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` shaped and laid out like ``(q, k, v)`` (``torch.empty_like``); ``dq``
     is summed over the batch for a broadcast batch-1 query. ``grad_lse`` is the gradient flowing into the
     returned lse, or None."""
     return launchers()[1](
         grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim,
-        rotary_interleaved, causal, scale, num_splits,
+        rotary_interleaved, causal, scale, num_splits, keys_after=keys_after,
     )  # fmt: skip
 
 
 @triton_attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim,
-      rotary_interleaved, causal, scale, num_splits):  # fmt: skip
+      rotary_interleaved, causal, scale, num_splits, keys_after=None):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, rotary_dim, interleaved, causal, scale, splits = (
-        inputs
+        inputs[:13]
     )
-    ctx.save_for_backward(q, k, v, *output, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope)
+    keys_after = inputs[13] if len(inputs) > 13 else None
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, keys_after)
     ctx.options = (rotary_dim, interleaved, causal, scale, splits)
+    ctx.num_inputs = len(inputs)
     # Unused outputs arrive as None instead of materialised zeros (no zero-filled dlse pass).
     ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx, grad_out, grad_lse, backward):
-    q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, keys_after = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:  # e.g. the all-zero-stride gradient of out.sum()
@@ -139,9 +144,10 @@ def _gradients(ctx, grad_out, grad_lse, backward):
     if grad_lse is not None and grad_lse.stride(-1) != 1:
         grad_lse = grad_lse.contiguous()
     dq, dk, dv = backward(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, *ctx.options
-    )
-    return dq, dk, dv, *([None] * 10)
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope, *ctx.options,
+        keys_after=keys_after,
+    )  # fmt: skip
+    return dq, dk, dv, *([None] * (ctx.num_inputs - 3))
 
 
 def _compiled_backward(ctx, grad_out, grad_lse):
@@ -161,7 +167,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        output = launchers()[0](*args)
+        output = launchers()[0](*args[:13], keys_after=args[13])
         _setup_context(ctx, args, output)
         return output
 

@@ -129,9 +129,10 @@ std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q_arg, const a
                                                 const std::optional<at::Tensor>& q_rope,
                                                 const std::optional<at::Tensor>& k_rope, int64_t rotary_dim,
                                                 bool rotary_interleaved, bool causal, double scale,
-                                                int64_t num_splits, bool tensor_cores, int64_t seed) {
+                                                int64_t num_splits, const std::optional<at::Tensor>& keys_after,
+                                                bool tensor_cores, int64_t seed) {
   const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
-                              rotary_dim, scale);
+                              rotary_dim, scale, keys_after);
   check_family(in, tensor_cores);
   return attention_forward(in.q, in.k, in.v, key_padding_mask, in.checked, rotary_dim, rotary_interleaved, causal,
                            scale, num_splits, emulated_kernels(tensor_cores, static_cast<uint64_t>(seed)));
@@ -143,9 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
     const std::optional<at::Tensor>& kv_index, const std::optional<at::Tensor>& q_rope,
     const std::optional<at::Tensor>& k_rope, int64_t rotary_dim, bool rotary_interleaved, bool causal, double scale,
-    int64_t num_splits, bool tensor_cores, int64_t seed) {
+    int64_t num_splits, const std::optional<at::Tensor>& keys_after, bool tensor_cores, int64_t seed) {
   const Prepared in = prepare(q_arg, k_arg, v_arg, key_padding_mask, kv_lengths, kv_index, q_rope, k_rope,
-                              rotary_dim, scale);
+                              rotary_dim, scale, keys_after);
   check_family(in, tensor_cores);
   return attention_backward(grad_out, grad_lse, in.q, in.k, in.v, out, lse, key_padding_mask, in.checked, rotary_dim,
                             rotary_interleaved, causal, scale, num_splits,
@@ -158,11 +159,12 @@ TORCH_LIBRARY(perceiver_kernels_emulation, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_lengths, "
       "Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, int rotary_dim, bool rotary_interleaved, bool causal, "
-      "float scale, int num_splits, bool tensor_cores, int seed) -> (Tensor, Tensor)");
+      "float scale, int num_splits, Tensor? keys_after, bool tensor_cores, int seed) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? kv_lengths, Tensor? kv_index, Tensor? q_rope, Tensor? k_rope, "
-      "int rotary_dim, bool rotary_interleaved, bool causal, float scale, int num_splits, bool tensor_cores, int seed) "
+      "int rotary_dim, bool rotary_interleaved, bool causal, float scale, int num_splits, Tensor? keys_after, "
+      "bool tensor_cores, int seed) "
       "-> (Tensor, Tensor, Tensor)");
 }
 
