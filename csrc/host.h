@@ -62,6 +62,17 @@ inline DType dtype_of(const at::Tensor& t) {
                                       : (t.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32);
 }
 
+// A per-sample count (kv_lengths, keys_after): int32/int64 (B,) on q's device, returned as int64 (a device-side
+// cast: no synchronisation); an undefined tensor when absent.
+inline at::Tensor check_per_sample(const std::optional<at::Tensor>& t, const char* name, int64_t batch,
+                                   const at::Tensor& q) {
+  if (!t.has_value()) return {};
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && (t->scalar_type() == at::kInt || t->scalar_type() == at::kLong),
+              kOp, name, " must be int32/int64 (", batch, "), got ", t->scalar_type(), " ", shape_of(*t));
+  TORCH_CHECK(t->device() == q.device(), kOp, name, " must be on ", q.device());
+  return t->to(at::kLong).contiguous();
+}
+
 // The checks both ops share: shapes, devices, dtypes, head dims, grid limits, masks. Returns kv_lengths as an
 // int64 tensor (a device-side cast: no synchronisation) or an undefined tensor.
 inline at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -105,13 +116,7 @@ inline at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& k, const a
                 shape_of(mask));
     TORCH_CHECK(mask.device() == q.device(), kOp, "key_padding_mask must be on ", q.device());
   }
-  if (!kv_lengths.has_value()) return {};
-  TORCH_CHECK(kv_lengths->dim() == 1 && kv_lengths->size(0) == batch &&
-                  (kv_lengths->scalar_type() == at::kInt || kv_lengths->scalar_type() == at::kLong),
-              kOp, "kv_lengths must be int32/int64 (", batch, "), got ", kv_lengths->scalar_type(), " ",
-              shape_of(*kv_lengths));
-  TORCH_CHECK(kv_lengths->device() == q.device(), kOp, "kv_lengths must be on ", q.device());
-  return kv_lengths->to(at::kLong).contiguous();
+  return check_per_sample(kv_lengths, "kv_lengths", batch, q);
 }
 
 // kv_index (B, Nk') int64 on q's device, with unit stride along the gathered axis; undefined without it.
@@ -146,19 +151,6 @@ inline at::Tensor check_rope(const std::optional<at::Tensor>& rope, const char* 
   return t.contiguous();
 }
 
-// keys_after (B,) as an int64 tensor (a device-side cast), or undefined.
-inline at::Tensor check_keys_after(const std::optional<at::Tensor>& keys_after, const at::Tensor& k,
-                                   const at::Tensor& q) {
-  if (!keys_after.has_value()) return {};
-  const int64_t batch = k.size(0);
-  TORCH_CHECK(keys_after->dim() == 1 && keys_after->size(0) == batch &&
-                  (keys_after->scalar_type() == at::kInt || keys_after->scalar_type() == at::kLong),
-              kOp, "keys_after must be int32/int64 (", batch, "), got ", keys_after->scalar_type(), " ",
-              shape_of(*keys_after));
-  TORCH_CHECK(keys_after->device() == q.device(), kOp, "keys_after must be on ", q.device());
-  return keys_after->to(at::kLong).contiguous();
-}
-
 // The inputs both ops share, checked: kv_lengths and keys_after as int64, kv_index and the rotary tables
 // (undefined where absent).
 struct Checked {
@@ -172,7 +164,7 @@ inline Checked check_all(const at::Tensor& q, const at::Tensor& k, const at::Ten
                   const std::optional<at::Tensor>& keys_after) {
   Checked c;
   c.lengths = check_inputs(q, k, v, key_padding_mask, kv_lengths, scale);
-  c.after = check_keys_after(keys_after, k, q);
+  c.after = check_per_sample(keys_after, "keys_after", k.size(0), q);
   c.index = check_kv_index(kv_index, k);
   c.q_table = check_rope(q_rope, "q_rope", rotary_dim, k.size(0), q.size(1), k.size(3), q);
   c.k_table = check_rope(k_rope, "k_rope", rotary_dim, k.size(0), k.size(1), k.size(3), q);

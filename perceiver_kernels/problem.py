@@ -177,19 +177,9 @@ def describe(
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
     if kv_lengths is not None:
-        if not isinstance(kv_lengths, Tensor) or kv_lengths.dtype not in INDEX_DTYPES:
-            raise TypeError("kv_lengths must be an int32 or int64 tensor")
-        if kv_lengths.shape != (batch,):
-            raise ValueError(f"kv_lengths must have shape (B,) = ({batch},), got {tuple(kv_lengths.shape)}")
-        if kv_lengths.device != device:
-            raise ValueError(f"kv_lengths is on {kv_lengths.device} but q is on {device}")
+        validate_per_sample("kv_lengths", kv_lengths, batch, device)
     if keys_after is not None:
-        if not isinstance(keys_after, Tensor) or keys_after.dtype not in INDEX_DTYPES:
-            raise TypeError("keys_after must be an int32 or int64 tensor")
-        if keys_after.shape != (batch,):
-            raise ValueError(f"keys_after must have shape (B,) = ({batch},), got {tuple(keys_after.shape)}")
-        if keys_after.device != device:
-            raise ValueError(f"keys_after is on {keys_after.device} but q is on {device}")
+        validate_per_sample("keys_after", keys_after, batch, device)
         if not causal:
             raise ValueError("keys_after only moves the causal diagonal: it needs causal=True")
     num_keys = num_rows
@@ -231,6 +221,16 @@ def describe(
         rotary_base, rotary_interleaved, num_splits, batch, q_shape[1], num_keys, heads, head_dim_qk, head_dim_v,
         keys_after,
     )  # fmt: skip
+
+
+def validate_per_sample(name: str, t, batch: int, device: torch.device) -> None:
+    """A per-sample count (``kv_lengths``, ``keys_after``): an int32/int64 ``(B,)`` tensor on q's device."""
+    if not isinstance(t, Tensor) or t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
 
 
 def tracing() -> bool:
