@@ -9,7 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, interpreter
+
+if configs.interpreter_enabled():
+    interpreter.install()
 
 LOG2E = 1.4426950408889634
 
