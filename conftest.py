@@ -24,13 +24,50 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, without one)")
     config.addinivalue_line("markers", "slow: an exhaustive profile, run with --run-slow (skipped otherwise)")
+    config.addinivalue_line(
+        "markers",
+        "dtypes_in_turn: on CPU a case runs in float32 or float16, taken in turn over the cases (every dtype with "
+        "--run-slow, and always on a GPU)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton or CUDA C++ kernels); none on this machine")
     skip_slow = pytest.mark.skip(reason="an exhaustive profile: run with --run-slow")
+    run_slow = config.getoption("--run-slow")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and not config.getoption("--run-slow"):
+        if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+    if not HAS_CUDA and not run_slow:
+        _take_dtypes_in_turn(items)
+
+
+def _take_dtypes_in_turn(items):
+    """Items marked ``dtypes_in_turn`` run in float32 or float16 by the parity of their parameters' positions (the
+    sum over the other ``parametrize`` decorators of the value's index), a checkerboard: every value of every
+    parameter meets both dtypes, and neighbouring cases take different ones. The other dtype is skipped with the
+    reason shown. Each run costs seconds in the CPU interpreter or emulation while the kernels treat dtypes alike
+    in every case; --run-slow (and a GPU, where a run costs milliseconds) runs them all."""
+    turns = ["float32", "float16"]
+    skip = pytest.mark.skip(
+        reason="the case runs in the other of float32/float16 on CPU (dtypes in turn): all with --run-slow"
+    )
+    positions: dict[tuple, dict[str, int]] = {}  # (test, parameter names) -> a value's position, in order seen
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if "dtypes_in_turn" not in item.keywords or spec is None or "dtype" not in spec.params:
+            continue
+        dtype = str(spec.params["dtype"]).removeprefix("torch.")
+        if dtype not in turns:
+            continue
+        position = 0
+        for marker in item.iter_markers("parametrize"):  # one parameter per decorator ("nq,nk" is one)
+            names = marker.args[0]
+            names = tuple(n.strip() for n in (names.split(",") if isinstance(names, str) else names))
+            if "dtype" not in names:
+                seen = positions.setdefault((item.originalname, names), {})
+                position += seen.setdefault(repr([spec.params[n] for n in names]), len(seen))
+        if turns[position % len(turns)] != dtype:
+            item.add_marker(skip)

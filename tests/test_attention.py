@@ -40,6 +40,7 @@ def assert_case(case: AttentionCase, dtype, device, num_splits: int = 0):
     assert not failed, f"{case.describe()} {dtype}: {failed}"
 
 
+@pytest.mark.dtypes_in_turn
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
@@ -57,18 +58,21 @@ def test_lengths_sweep(nq, nk, causal, dtype, device):
     assert_case(case, dtype, device)
 
 
+@pytest.mark.dtypes_in_turn
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(FEATURE_CASES))
 def test_features(name, dtype, device):
     assert_case(FEATURE_CASES[name], dtype, device)
 
 
+@pytest.mark.dtypes_in_turn
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(AR_CASES))
 def test_perceiver_ar(name, dtype, device):
     assert_case(AR_CASES[name], dtype, device)
 
 
+@pytest.mark.dtypes_in_turn
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["rotary-left-pad", "prefix-dropout-rotary-left-pad", "decode-rotary"])
 def test_perceiver_ar_split_kv(name, dtype, device):
@@ -83,18 +87,10 @@ SPLIT_CASES = {
 }
 
 
-def split_runs():
-    """Every case with 2 and 7 splits in each dtype; in CI float16 runs 2 and float32 runs 7 (the same launcher and
-    combine either way), the rest being an exhaustive profile (--run-slow)."""
-    for name in SPLIT_CASES:
-        for num_splits in (2, 7):
-            for dtype in DTYPES:
-                in_ci = (num_splits == 2) == (dtype.id == "float16") or dtype.id == "bfloat16"
-                marks = [*dtype.marks, *([] if in_ci else [pytest.mark.slow])]
-                yield pytest.param(name, num_splits, dtype.values[0], id=f"{name}-{num_splits}-{dtype.id}", marks=marks)
-
-
-@pytest.mark.parametrize("name, num_splits, dtype", split_runs())
+@pytest.mark.dtypes_in_turn
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [2, 7])
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
 def test_forced_split_kv(name, num_splits, dtype, device):
     """Split-KV (the Perceiver cross-attention path on a GPU) forced on small shapes."""
     assert_case(SPLIT_CASES[name], dtype, device, num_splits=num_splits)
@@ -172,6 +168,7 @@ class _KernelAttention(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+@pytest.mark.dtypes_in_turn
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dq_mode,num_splits", [("atomic", 0), ("split", 1), ("split", 3)])
 @pytest.mark.parametrize(
@@ -248,6 +245,7 @@ def ignored_rows(case: dict, mask, device):
     return ignored, options
 
 
+@pytest.mark.dtypes_in_turn
 @pytest.mark.parametrize("dtype", DTYPES[:2])
 @pytest.mark.parametrize("name", list(GARBAGE_CASES))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
