@@ -34,7 +34,7 @@ from .models import MODE as MODEL_MODE
 from .models import MODEL_SUITES, ModelEntry, Variant, interleaved_quantiles, measure_step, relative_l2
 from .providers import PROVIDERS, Inputs, Unavailable, make_inputs
 from .shapes import SUITES, Shape
-from .timing import device_ceilings, measure, synchronize
+from .timing import CPU_MIN_REPS, INTERPRETED_MIN_REPS, device_ceilings, measure, synchronize
 
 SCHEMA = 1
 SUITE_DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}  # the interpreter has no bfloat16 dot
@@ -235,7 +235,8 @@ def _measure_row(shape: Shape, name: str, mode: str, inputs: Inputs, ref: Tensor
     device = inputs.q.device
     try:
         attn = provider.build(shape, inputs, mode)
-        timing, out = measure(attn, shape, inputs, mode)
+        interpreted = device.type == "cpu" and name == "triton"
+        timing, out = measure(attn, shape, inputs, mode, INTERPRETED_MIN_REPS if interpreted else CPU_MIN_REPS)
     except Unavailable as e:
         return _row(shape, name, mode, status="n/a", reason=str(e))
     except torch.OutOfMemoryError:
@@ -305,6 +306,7 @@ def _run_model(entry: ModelEntry, modes, device, dtype, results, bar, started, t
                 return built[key]
 
             rows, untimed = [], []  # CPU: the steps still to time, together, once every variant has run
+            interpreted = False
             for variant in entry.ordered_variants():
                 if spent():
                     row = _model_row(entry, variant, size, status="skipped", reason="time budget spent")
@@ -315,9 +317,11 @@ def _run_model(entry: ModelEntry, modes, device, dtype, results, bar, started, t
                     del check  # a non-anchor check is not needed once compared
                     if step is not None:
                         untimed.append((row, step))
+                        interpreted |= entry.backend_of(variant) == "triton"  # on CPU: Triton's interpreter
                 rows.append(row)
             if untimed:
-                timings = interleaved_quantiles([step for _, step in untimed], entry.cpu_min_reps)
+                min_reps = INTERPRETED_MIN_REPS if interpreted else entry.cpu_min_reps
+                timings = interleaved_quantiles([step for _, step in untimed], min_reps)
                 for (row, step), (median, p20, p80) in zip(untimed, timings, strict=True):
                     row.update(ms=median, p20_ms=p20, p80_ms=p80, throughput=step.units / median * 1e3)
                     _release(step, device)

@@ -27,6 +27,9 @@ from .shapes import Shape
 QUANTILES = (0.5, 0.2, 0.8)
 GPU_WARMUP_MS, GPU_REP_MS = 20, 80
 CPU_MIN_REPS, CPU_MAX_REPS, CPU_BUDGET_S = 3, 20, 0.5
+# Triton's CPU interpreter runs a kernel in seconds and times the interpreter, not the kernel (the report says CPU
+# numbers prove the pipeline): one timed call after the first is enough, more only while CPU_BUDGET_S lasts.
+INTERPRETED_MIN_REPS = 1
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,11 @@ def make_step(attn: AttentionFn, shape: Shape, inputs: Inputs, mode: str) -> tup
     return forward_backward, [q, k, v]
 
 
-def measure(attn: AttentionFn, shape: Shape, inputs: Inputs, mode: str) -> tuple[Timing, Tensor | None]:
-    """Time ``attn`` on ``inputs`` for ``mode``; also return the forward output (fwd mode only)."""
+def measure(
+    attn: AttentionFn, shape: Shape, inputs: Inputs, mode: str, min_reps: int = CPU_MIN_REPS
+) -> tuple[Timing, Tensor | None]:
+    """Time ``attn`` on ``inputs`` for ``mode`` (at least ``min_reps`` timed calls on CPU); also return the
+    forward output (fwd mode only)."""
     device = inputs.q.device
     step, grads = make_step(attn, shape, inputs, mode)
     start = time.perf_counter()
@@ -76,7 +82,7 @@ def measure(attn: AttentionFn, shape: Shape, inputs: Inputs, mode: str) -> tuple
     synchronize(device)
     first_call_s = time.perf_counter() - start
     peak = peak_bytes(step, grads, device)
-    median, p20, p80 = quantiles(step, grads, device)
+    median, p20, p80 = quantiles(step, grads, device, min_reps)
     return Timing(median, p20, p80, first_call_s, peak), out
 
 
@@ -153,9 +159,12 @@ def step_memory(run: Callable[[Callable[[], None]], object], device: torch.devic
     return kept[0], live.peak
 
 
-def quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tuple[float, float, float]:
-    """Median, p20 and p80 milliseconds of ``step()`` (``do_bench`` on CUDA, wall clock on CPU); the
-    ``grads`` tensors' ``.grad`` is reset between repetitions so that backward does not accumulate."""
+def quantiles(
+    step: Callable, grads: list[Tensor], device: torch.device, min_reps: int = CPU_MIN_REPS
+) -> tuple[float, float, float]:
+    """Median, p20 and p80 milliseconds of ``step()`` (``do_bench`` on CUDA; on CPU the wall clock of at least
+    ``min_reps`` calls, more while ``CPU_BUDGET_S`` lasts); the ``grads`` tensors' ``.grad`` is reset between
+    repetitions so that backward does not accumulate."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -163,7 +172,7 @@ def quantiles(step: Callable, grads: list[Tensor], device: torch.device) -> tupl
         return tuple(float(x) for x in ms)
     samples = []
     deadline = time.perf_counter() + CPU_BUDGET_S
-    while len(samples) < CPU_MIN_REPS or (len(samples) < CPU_MAX_REPS and time.perf_counter() < deadline):
+    while len(samples) < min_reps or (len(samples) < CPU_MAX_REPS and time.perf_counter() < deadline):
         _zero(grads)
         start = time.perf_counter()
         step()
