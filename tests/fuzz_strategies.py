@@ -24,6 +24,7 @@ FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=not LONG, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )  # fmt: skip
+FUZZ_SETTINGS_PER_DTYPE = settings(FUZZ_SETTINGS, max_examples=EXAMPLES // 2)  # a backend fuzzed per dtype, in halves
 
 
 @st.composite
