@@ -31,6 +31,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an exhaustive profile, run with --run-slow (skipped otherwise)")
     config.addinivalue_line(
         "markers",
+        "long_running(build=False): a test of half a minute or more on CI's machine, collected first; with "
+        "build=True a build that other tests wait for, collected before those",
+    )
+    config.addinivalue_line(
+        "markers",
         "dtypes_in_turn: on CPU a case runs in float32 or float16, taken in turn over the cases (every dtype with "
         "--run-slow, and always on a GPU)",
     )
@@ -47,6 +52,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
     if not HAS_CUDA and not run_slow:
         _take_dtypes_in_turn(items)
+    # pytest-xdist hands out tests in collection order, and the last ones one at a time: a long test collected
+    # late leaves the other worker idle until it ends. Collected first, the long tests start at once and the
+    # short ones fill the other worker around them; builds come first of all, before the tests that need them.
+    items.sort(key=_collection_rank)
+
+
+def _collection_rank(item) -> int:
+    marker = item.get_closest_marker("long_running")
+    return 2 if marker is None else 0 if marker.kwargs.get("build") else 1
 
 
 def _take_dtypes_in_turn(items):

@@ -23,6 +23,7 @@ from perceiver_kernels.testing import (
 CAN_BUILD = torch.version.cuda is not None and cuda_extension.find_cuda_home() is not None
 
 
+@pytest.mark.long_running(build=True)
 def test_extension_builds_and_registers_or_says_why():
     """Where torch is a CUDA build and a toolkit is found (CI), a compile error fails here."""
     reason = cuda_attention.load()

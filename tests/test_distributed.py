@@ -161,6 +161,7 @@ MODEL_CASES = [
 ]
 
 
+@pytest.mark.long_running
 def test_models_train_on_a_data_x_context_mesh():
     """A PerceiverIO and a CausalSequenceModel step on a 2 x 2 (data x context) mesh under DDP and FSDP2: every
     parameter's averaged gradient equals the single-process model's on the full batch and sequence."""

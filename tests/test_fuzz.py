@@ -26,12 +26,14 @@ def check_triton(case, dtype, num_splits, seed):
 
 # Half the Triton examples per dtype: two tests (two names, so two derandomized sequences of cases) that the two
 # CI workers run side by side, rather than one that the other worker waits for.
+@pytest.mark.long_running
 @FUZZ_SETTINGS_PER_DTYPE
 @given(case=cases(), num_splits=splits, seed=seeds)
 def test_triton_matches_the_reference_in_float32(case, num_splits, seed):
     check_triton(case, torch.float32, num_splits, seed)
 
 
+@pytest.mark.long_running
 @FUZZ_SETTINGS_PER_DTYPE
 @given(case=cases(), num_splits=splits, seed=seeds)
 def test_triton_matches_the_reference_in_float16(case, num_splits, seed):

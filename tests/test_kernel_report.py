@@ -14,6 +14,7 @@ from perceiver_kernels.bench.kernel_report import findings
 ATTENTION_KERNELS = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
 
 
+@pytest.mark.long_running
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine measures the compiled kernels themselves")
 def test_suite_kernels_compile_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -192,6 +192,13 @@ TURN = {(name, dtype, family): i for name in MATRIX for i, (_, dtype, family) in
         enumerate(run.values for run in RUNS if run.values[0] == name)}  # fmt: skip
 
 
+@pytest.mark.long_running(build=True)
+def test_the_emulation_builds():
+    """The kernels compile for the host (a compile error fails here). Collected first, so that the other workers'
+    tests find the build done instead of waiting on its lock."""
+    load()
+
+
 @pytest.mark.parametrize("name, dtype, family", RUNS)
 def test_kernels_match_reference(name, dtype, family, request):
     """Forward and backward under the case's schedules, within the tolerances every backend meets."""
