@@ -172,7 +172,9 @@ def takes_tensor_cores(case, dtype) -> bool:
 def runs():
     """Every case in every dtype on the SIMT family, and on the tensor-core family where it takes them. The
     tensor-core runs cost most (the emulated mma): a case runs float16 or bfloat16 on them, taking the two in
-    turn over the cases, and both with --run-slow (the emulation always runs on the CPU)."""
+    turn over the cases, and both with --run-slow (the emulation always runs on the CPU). Not conftest's
+    dtypes_in_turn: that checkerboard needs the dtype as a parametrize of its own, and these runs are filtered
+    per case."""
     for index, (name, case) in enumerate(MATRIX.items()):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for family in ("simt", "tensor-core"):
